@@ -1,0 +1,227 @@
+"""Typed hyperparameters, presets and `--hparams key=value,...` overrides.
+
+The defaults are the published 96x96 settings. Presets change a few of them:
+
+- ``96``:   the published Wav2Lip settings (same as the defaults).
+- ``288``:  the HQ layout (288x288 faces, 1024-wide expert), batch sizes that fit a 24 GB GPU.
+- ``tiny``: 96x96 faces with a quarter of the channels and small batches, for CPU tests and the demo.
+
+Every script calls :func:`add_hparams_args` and :func:`hparams_from_args`; a key that does not exist
+or a value that does not parse as the field's type is an error that names the key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class HParams:
+    # ---- audio (must match the published checkpoints: do not change for them) ----
+    num_mels: int = 80
+    rescale: bool = True
+    rescaling_max: float = 0.9
+    n_fft: int = 800
+    hop_size: int = 200
+    win_size: int = 800
+    sample_rate: int = 16000
+    signal_normalization: bool = True
+    allow_clipping_in_normalization: bool = True
+    symmetric_mels: bool = True
+    max_abs_value: float = 4.0
+    preemphasize: bool = True
+    preemphasis: float = 0.97
+    min_level_db: float = -100.0
+    ref_level_db: float = 20.0
+    fmin: float = 55.0
+    fmax: float = 7600.0
+
+    # ---- video / windows ----
+    img_size: int = 96
+    fps: float = 25.0
+    syncnet_T: int = 5
+    syncnet_mel_step_size: int = 16
+
+    # ---- models ----
+    model_width: float = 1.0  # channel multiplier; 1.0 is the published layout
+
+    # ---- generator training ----
+    batch_size: int = 16
+    initial_learning_rate: float = 1e-4
+    nepochs: int = 200000000000000000
+    num_workers: int = 16
+    checkpoint_interval: int = 3000
+    eval_interval: int = 3000
+    eval_steps: int = 700
+    save_optimizer_state: bool = True
+    keep_last_checkpoints: int = 3
+    seed: int = 0
+
+    # sync-loss weight schedule: 0 until the eval sync loss falls under the threshold, then
+    # syncnet_wt_gan (GAN trainers) or syncnet_wt_l1 (plain trainer)
+    syncnet_wt: float = 0.0
+    syncnet_wt_threshold: float = 0.75
+    syncnet_wt_l1: float = 0.01
+    syncnet_wt_gan: float = 0.03
+
+    # ---- expert training ----
+    syncnet_batch_size: int = 64
+    syncnet_lr: float = 1e-4
+    syncnet_eval_interval: int = 10000
+    syncnet_checkpoint_interval: int = 10000
+
+    # ---- visual-quality discriminator ----
+    disc_wt: float = 0.07
+    disc_initial_learning_rate: float = 1e-4
+    wgan_gp_weight: float = 10.0
+
+    # ---- numerics ----
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only; the CPU always trains in float32)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "HParams":
+        return apply_overrides(self, changes)
+
+
+PRESETS: dict[str, dict] = {
+    "96": {},
+    "288": {
+        "img_size": 288,
+        "batch_size": 8,
+        "syncnet_batch_size": 32,
+        "syncnet_wt_gan": 0.03,
+    },
+    "tiny": {
+        "img_size": 96,
+        "model_width": 0.25,
+        "batch_size": 4,
+        "syncnet_batch_size": 16,
+        "num_workers": 0,
+        "checkpoint_interval": 50,
+        "eval_interval": 50,
+        "eval_steps": 8,
+        "syncnet_eval_interval": 50,
+        "syncnet_checkpoint_interval": 50,
+        "initial_learning_rate": 5e-4,
+        "syncnet_lr": 5e-4,
+    },
+}
+
+_ALLOWED_CHOICES = {"amp": ("none", "bf16", "fp16"), "img_size": (96, 288)}
+
+
+class HParamsError(ValueError):
+    """A preset or override that does not name a known setting or does not parse."""
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(HParams)
+    return {f.name: hints[f.name] for f in fields(HParams)}
+
+
+def _coerce(key: str, value, typ: type):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise HParamsError(f"hparam {key!r} is a bool; got {value!r} (use true/false)")
+    if typ is int:
+        if isinstance(value, bool):
+            raise HParamsError(f"hparam {key!r} is an int; got {value!r}")
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                as_float = float(text)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise HParamsError(f"hparam {key!r} is an int; got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise HParamsError(f"hparam {key!r} is a float; got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise HParamsError(f"hparam {key!r} is a float; got {value!r}") from None
+    return str(value).strip()
+
+
+def apply_overrides(hp: HParams, overrides: dict) -> HParams:
+    types = _field_types()
+    values = hp.to_dict()
+    for key, raw in overrides.items():
+        if key not in types:
+            known = ", ".join(sorted(types))
+            raise HParamsError(f"unknown hparam {key!r}; known keys: {known}")
+        value = _coerce(key, raw, types[key])
+        allowed = _ALLOWED_CHOICES.get(key)
+        if allowed is not None and value not in allowed:
+            raise HParamsError(f"hparam {key!r} must be one of {allowed}; got {value!r}")
+        values[key] = value
+    if values["model_width"] <= 0:
+        raise HParamsError(f"hparam 'model_width' must be > 0; got {values['model_width']}")
+    return HParams(**values)
+
+
+def parse_overrides(text: str | None) -> dict:
+    """Parse ``"key=value,key2=value2"`` into a dict of strings (types are checked later)."""
+    out: dict[str, str] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise HParamsError(f"--hparams entry {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def get_hparams(preset: str = "96", overrides: str | dict | None = None) -> HParams:
+    if preset not in PRESETS:
+        raise HParamsError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    hp = apply_overrides(HParams(), PRESETS[preset])
+    if isinstance(overrides, str):
+        overrides = parse_overrides(overrides)
+    return apply_overrides(hp, overrides or {})
+
+
+def from_dict(values: dict) -> HParams:
+    """Rebuild hparams saved in a checkpoint; keys this version does not know are ignored."""
+    known = {f.name for f in fields(HParams)}
+    return apply_overrides(HParams(), {k: v for k, v in values.items() if k in known})
+
+
+def add_hparams_args(parser: argparse.ArgumentParser, default_preset: str = "96") -> None:
+    parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
+                        help="hyperparameter preset (default: %(default)s)")
+    parser.add_argument("--hparams", default="",
+                        help='comma-separated overrides, e.g. "batch_size=8,syncnet_wt=0.03"')
+
+
+def hparams_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> HParams:
+    try:
+        return get_hparams(args.preset, args.hparams)
+    except HParamsError as exc:
+        if parser is not None:
+            parser.error(str(exc))
+        raise
+
+
+# Module-level defaults, for code that only needs the audio constants.
+hparams = HParams()
