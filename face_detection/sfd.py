@@ -1,0 +1,91 @@
+"""S3FD backend: the face-alignment package's network, weights from a local file."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import DetectorError, FaceDetector, clip_box
+
+log = logging.getLogger(__name__)
+
+BGR_MEAN = (104.0, 117.0, 123.0)
+NMS_THRESHOLD = 0.3
+SCORE_THRESHOLD = 0.5
+
+
+def _missing_weights_message(path: str) -> str:
+    from . import S3FD_URL
+
+    return (f"S3FD weights not found at {path!r}. Download them from {S3FD_URL} and save them there "
+            f"(or pass another path), or use the download-free detector: --face_detector lbp")
+
+
+def boxes_from_outputs(olist, batch_size: int, score_threshold: float = SCORE_THRESHOLD):
+    """Post-process raw S3FD head outputs into one (x1, y1, x2, y2, score) array or None per image.
+
+    ``olist`` alternates class scores (softmaxed here) and box regressions for strides 4..128, as the
+    network returns them. Candidates are decoded against the anchors, non-maximum suppressed, filtered
+    by score, and the highest-scoring survivor is returned.
+    """
+    from face_alignment.detection.sfd.bbox import nms
+    from face_alignment.detection.sfd.detect import get_predictions
+
+    outs = []
+    for i, o in enumerate(olist):
+        o = o.float()
+        if i % 2 == 0:
+            o = F.softmax(o, dim=1)
+        outs.append(o.detach().cpu().numpy())
+    preds = get_predictions(outs, batch_size)
+    results = []
+    for b in range(batch_size):
+        cand = preds[b] if preds.size else np.zeros((0, 5), np.float32)
+        cand = np.asarray(cand, dtype=np.float64).reshape(-1, 5)
+        if len(cand):
+            cand = cand[nms(cand, NMS_THRESHOLD)]
+            cand = cand[cand[:, 4] > score_threshold]
+        results.append(cand[0] if len(cand) else None)
+    return results
+
+
+class S3FDDetector(FaceDetector):
+    name = "sfd"
+
+    def __init__(self, device="cpu", weights_path: str | None = None, score_threshold: float = SCORE_THRESHOLD):
+        from face_alignment.detection.sfd.net_s3fd import s3fd
+
+        from models.checkpoint import CheckpointError, read_checkpoint, strip_wrapper_prefixes
+
+        if not weights_path or not os.path.isfile(weights_path):
+            raise DetectorError(_missing_weights_message(weights_path or "<none>"))
+        try:
+            state = strip_wrapper_prefixes(read_checkpoint(weights_path)["state_dict"])
+        except CheckpointError as exc:
+            raise DetectorError(f"S3FD weights unusable: {exc}") from None
+        net = s3fd()
+        try:
+            net.load_state_dict(state)
+        except RuntimeError:
+            raise DetectorError(f"{weights_path!r} is not an S3FD checkpoint (its keys or shapes do not "
+                                "match the S3FD network)") from None
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.score_threshold = score_threshold
+        self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def _detect_batch(self, frames):
+        h, w = frames[0].shape[:2]
+        if any(f.shape[:2] != (h, w) for f in frames):
+            return [d for f in frames for d in self._detect_batch([f])]
+        x = torch.from_numpy(np.stack(frames)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float() - self._mean  # the network was trained on BGR
+        olist = self.net(x)
+        results = []
+        for det in boxes_from_outputs(olist, len(frames), self.score_threshold):
+            results.append(None if det is None else clip_box(det[0], det[1], det[2], det[3], w, h))
+        return results

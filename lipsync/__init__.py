@@ -1,0 +1,1 @@
+"""Shared library of the lip-sync toolkit: devices, video/ffmpeg I/O, data, training pieces."""
