@@ -1,0 +1,50 @@
+"""Small generated media for tests: face videos from a bundled photograph, audio clips."""
+import subprocess
+
+import cv2
+import numpy as np
+
+from audio import ffmpeg_exe
+from lipsync.video import VideoWriter
+
+
+def astronaut(size=(256, 256)):
+    from skimage import data
+
+    img = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def make_face_video(path, n_frames, size=(256, 256), fps=25, blank=(), marker=False, audio=None):
+    """Astronaut with a little sway; frames in ``blank`` are flat grey (no face). With ``marker``,
+    a 16x16 top-left patch encodes the frame number (value 20 + 20 * (k % 11))."""
+    base = astronaut(size)
+    w, h = size
+    with VideoWriter(str(path), w, h, fps, audio_path=audio) as writer:
+        for k in range(n_frames):
+            if k in blank:
+                frame = np.full((h, w, 3), 128, np.uint8)
+            else:
+                M = np.float32([[1, 0, 2 * np.sin(k / 5)], [0, 1, np.cos(k / 7)]])
+                frame = cv2.warpAffine(base, M, (w, h), borderMode=cv2.BORDER_REFLECT)
+            if marker:
+                frame[:16, :16] = 20 + 20 * (k % 11)
+            writer.write(frame)
+    return str(path)
+
+
+def marker_index(frame):
+    return int(round((float(frame[4:12, 4:12].mean()) - 20) / 20))
+
+
+def ffmpeg(*args):
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def tone_wav(path, seconds, sr=16000, silent=False):
+    from audio import save_wav
+
+    t = np.arange(int(seconds * sr)) / sr
+    wav = np.zeros_like(t) if silent else 0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    save_wav(wav.astype(np.float32), str(path), sr)
+    return str(path)
