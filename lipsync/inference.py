@@ -373,6 +373,22 @@ def model_inputs(faces: List[np.ndarray], mels: List[np.ndarray], img_size: int,
     return mel.to(device), img.to(device)
 
 
+# On the CPU, small forward batches keep the activations in cache: 8 frames run ~20% faster per
+# frame than 128 and need a fraction of the memory (measured on 2 cores, full-width 96 model).
+CPU_MICRO_BATCH = 8
+
+
+def generate(model, mel_b, img_b, device, half=False) -> List[np.ndarray]:
+    """Generated faces as uint8 BGR (the published ``(pred * 255).astype(uint8)``)."""
+    step = CPU_MICRO_BATCH if device.type == "cpu" else len(mel_b)
+    out = []
+    with torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=half and device.type == "cuda"):
+        for k in range(0, len(mel_b), step):
+            pred = model(mel_b[k:k + step], img_b[k:k + step])
+            out.extend((pred.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0).astype(np.uint8))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -479,7 +495,10 @@ def run_inference(cfg: InferenceConfig, frame_sink: Optional[Callable[[int, np.n
     # ---- stream: decode -> generate -> paste -> encode ----
     out_h, out_w = src.first_frame().shape[:2]
     mask = feather_mask(img_size) if cfg.blend == "feather" else None
-    frames_q: queue.Queue = queue.Queue(maxsize=max(8, min(cfg.wav2lip_batch_size, 64)))
+    # frames in flight are bounded: on the CPU the generator runs micro-batches anyway, so frames are
+    # handed on in small chunks (a 128-frame chunk of 720p frames alone is 350 MB)
+    chunk = cfg.wav2lip_batch_size if device.type != "cpu" else min(cfg.wav2lip_batch_size, 2 * CPU_MICRO_BATCH)
+    frames_q: queue.Queue = queue.Queue(maxsize=chunk)
     paste_q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     t_decode = [0.0]
@@ -562,18 +581,14 @@ def run_inference(cfg: InferenceConfig, frame_sink: Optional[Callable[[int, np.n
                         pending.append((frame, c, face, mel[:, s:s + audio.MEL_STEP_SIZE]))
                         n_faces += 1
                     i += 1
-                if pending and (n_faces >= cfg.wav2lip_batch_size or finished):
+                if pending and (n_faces >= chunk or finished):
                     t0 = time.perf_counter()
                     with_face = [p for p in pending if p[1] is not None]
                     preds: list = []
                     if with_face:
                         mel_b, img_b = model_inputs([p[2] for p in with_face], [p[3] for p in with_face],
                                                     img_size, device)
-                        with torch.inference_mode(), torch.autocast(device.type, torch.float16,
-                                                                     enabled=cfg.half and device.type == "cuda"):
-                            pred = model(mel_b, img_b)
-                        pred = (pred.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
-                        preds = list(pred)
+                        preds = generate(model, mel_b, img_b, device, cfg.half)
                     t_gen += time.perf_counter() - t0
                     out = []
                     for frame, c, face, _ in pending:
