@@ -253,3 +253,28 @@ class VideoWriter:
         else:
             self.abort()
         return False
+
+
+def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
+    """Copy the video stream of ``video_path`` with the audio of ``audio_src`` (AAC) into ``out_path``,
+    atomically."""
+    import ffmpeg
+
+    out_path = os.path.abspath(out_path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out_path) + ".", suffix=".partial.mp4",
+                               dir=os.path.dirname(out_path))
+    os.close(fd)
+    streams = [ffmpeg.input(video_path).video]
+    opts = dict(vcodec="copy", format="mp4", movflags="+faststart")
+    if audio_src is not None:
+        streams.append(ffmpeg.input(audio_src).audio)
+        opts.update(acodec="aac", audio_bitrate="192k")
+    cmd = ffmpeg.compile(ffmpeg.output(*streams, tmp, **opts),
+                         cmd=[ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"], overwrite_output=True)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    if proc.returncode != 0:
+        os.remove(tmp)
+        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise VideoError(f"ffmpeg could not mux {video_path!r}: {err[-1] if err else proc.returncode}")
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, out_path)

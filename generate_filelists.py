@@ -1,0 +1,56 @@
+"""Split preprocessed clips into filelists/{train,val,test}.txt, whole groups per split.
+
+    python generate_filelists.py --data_root ../LSR2/lrs2_preprocessed_288x288-demo
+
+One <group>/<clip> per line, relative to --data_root. Clips too short to sample a training window are
+dropped (and counted). With at least three groups every split gets one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_root", required=True, help="preprocessed root")
+    p.add_argument("--out_dir", default="filelists", help="(default: %(default)s)")
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--test_fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--syncnet_T", type=int, default=5, help="frames per training window")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from lipsync.dataprep import list_preprocessed, split_by_group
+
+    try:
+        found = list_preprocessed(args.data_root)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # the training dataset needs more than 3 windows' worth of face frames in a clip
+    usable = [c for c, n in found if n > 3 * args.syncnet_T]
+    dropped = len(found) - len(usable)
+    if not usable:
+        print(f"error: no usable clips under {args.data_root!r} ({len(found)} found, {dropped} too short; "
+              f"a clip needs more than {3 * args.syncnet_T} face frames)", file=sys.stderr)
+        return 2
+    splits = split_by_group(usable, args.val_fraction, args.test_fraction, args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name, items in splits.items():
+        path = os.path.join(args.out_dir, f"{name}.txt")
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(f"{c}\n" for c in items)
+        os.replace(path + ".tmp", path)
+    groups = {k: len({c.split('/')[0] for c in v}) for k, v in splits.items()}
+    print(", ".join(f"{k}: {len(v)} clips / {groups[k]} groups" for k, v in splits.items())
+          + f"; {dropped} dropped as too short -> {args.out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

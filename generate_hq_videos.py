@@ -1,0 +1,68 @@
+"""Enhance raw clips (face restoration) into <clip>_hq.mp4 beside each clip, audio kept.
+
+    python generate_hq_videos.py --data_root ../LSR2/demo/
+    python generate_hq_videos.py --data_root DIR --enhancer codeformer --codeformer_dir ~/CodeFormer
+
+Finished clips are skipped; outputs appear atomically; failures are summarised and make the exit
+status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_root", required=True, help="corpus root: <data_root>/<group>/<clip>.mp4")
+    p.add_argument("--enhancer", choices=("builtin", "codeformer"), default="builtin",
+                   help="builtin: OpenCV denoise/sharpen (runs anywhere); codeformer: your CodeFormer checkout")
+    p.add_argument("--codeformer_dir", default=None, help="CodeFormer checkout (with inference_codeformer.py)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="clips processed in parallel (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="redo clips whose _hq.mp4 exists")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.enhancer == "codeformer" and not args.codeformer_dir:
+        parser.error("--enhancer codeformer needs --codeformer_dir (a CodeFormer checkout)")
+    if args.codeformer_dir and not os.path.isfile(os.path.join(args.codeformer_dir, "inference_codeformer.py")):
+        parser.error(f"--codeformer_dir {args.codeformer_dir!r} has no inference_codeformer.py")
+
+    from tqdm import tqdm
+
+    from lipsync.dataprep import enhance_job, hq_path, list_raw_clips, run_parallel
+
+    try:
+        clips = [c.raw for c in list_raw_clips(args.data_root) if c.raw]
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not clips:
+        print(f"error: no <group>/<clip>.mp4 under {args.data_root!r}", file=sys.stderr)
+        return 2
+    todo = [c for c in clips if args.overwrite or not os.path.exists(hq_path(c))]
+    skipped = len(clips) - len(todo)
+    failures = []
+    done = 0
+    jobs = [(c, args.enhancer, args.codeformer_dir) for c in todo]
+    with tqdm(total=len(jobs), desc="enhance", unit="clip", disable=args.quiet) as bar:
+        for src, err, _ in run_parallel(enhance_job, jobs, args.workers):
+            if err:
+                failures.append((src, err))
+            else:
+                done += 1
+            bar.update(1)
+    print(f"{done} clips enhanced, {skipped} already done, {len(failures)} failed")
+    for src, err in failures:
+        print(f"  failed: {src}: {err}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The data stages: enhancing raw clips, cutting face crops + audio, splitting into filelists.
+
+On-disk contracts (see DESIGN.md):
+- raw corpus: ``<data_root>/<group>/<clip>.mp4``; enhanced copies ``<clip>_hq.mp4`` beside them;
+- preprocessed: ``<root>/<group>/<clip>/<frame>.jpg`` (frame = index in the 25 fps stream; a frame
+  without a face leaves a gap), ``audio.wav`` (16 kHz mono), ``mel.npy`` (cached spectrogram) and
+  ``done.json`` (written last: a clip without it is unfinished and is redone);
+- filelists: ``<out_dir>/{train,val,test}.txt``, one ``<group>/<clip>`` per line.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+TRAIN_FPS = 25.0
+DONE = "done.json"
+HQ_SUFFIX = "_hq"
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing the raw corpus
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class RawClip:
+    group: str
+    name: str            # clip name without _hq
+    raw: Optional[str]   # <clip>.mp4, if present
+    hq: Optional[str]    # <clip>_hq.mp4, if present
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.name}"
+
+
+def list_raw_clips(data_root: str) -> List[RawClip]:
+    if not os.path.isdir(data_root):
+        raise FileNotFoundError(f"--data_root is not a directory: {data_root!r}")
+    clips: Dict[Tuple[str, str], RawClip] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(data_root), "*", "*.mp4"))):
+        group = os.path.basename(os.path.dirname(path))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        is_hq = stem.endswith(HQ_SUFFIX)
+        name = stem[: -len(HQ_SUFFIX)] if is_hq else stem
+        clip = clips.setdefault((group, name), RawClip(group, name, None, None))
+        if is_hq:
+            clip.hq = path
+        else:
+            clip.raw = path
+    return list(clips.values())
+
+
+def pick_source(clip: RawClip, hq_mode: str) -> Optional[str]:
+    """The video to preprocess: ``prefer`` the _hq copy when present, ``only`` _hq, ``ignore`` _hq."""
+    if hq_mode == "prefer":
+        return clip.hq or clip.raw
+    if hq_mode == "only":
+        return clip.hq
+    if hq_mode == "ignore":
+        return clip.raw
+    raise ValueError(f"unknown --hq mode {hq_mode!r}")
+
+
+def parse_shard(text: Optional[str]) -> Tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def take_shard(items: list, shard: Tuple[int, int]) -> list:
+    i, n = shard
+    return [x for k, x in enumerate(items) if k % n == i]
+
+
+# ------------------------------------------------------------------------------------------------
+# Enhancement (generate_hq_videos.py)
+# ------------------------------------------------------------------------------------------------
+class BuiltinEnhancer:
+    """OpenCV restoration that runs anywhere: edge-preserving denoise, unsharp mask, mild local contrast."""
+
+    name = "builtin"
+
+    def __init__(self):
+        self.clahe = cv2.createCLAHE(clipLimit=1.5, tileGridSize=(8, 8))
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        den = cv2.bilateralFilter(frame, 5, 20, 5)
+        blur = cv2.GaussianBlur(den, (0, 0), 1.2)
+        sharp = cv2.addWeighted(den, 1.6, blur, -0.6, 0)
+        lab = cv2.cvtColor(sharp, cv2.COLOR_BGR2LAB)
+        lab[..., 0] = self.clahe.apply(lab[..., 0])
+        return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)
+
+
+def hq_path(raw_path: str) -> str:
+    stem, ext = os.path.splitext(raw_path)
+    return stem + HQ_SUFFIX + ext
+
+
+def enhance_builtin(src: str, dst: str) -> int:
+    from lipsync.video import VideoWriter, iter_frames, probe_video
+
+    info = probe_video(src)
+    enhancer = BuiltinEnhancer()
+    with VideoWriter(dst, info.width, info.height, info.fps, audio_path=src if info.has_audio else None) as w:
+        for frame in iter_frames(info):
+            w.write(enhancer(frame))
+    return w.frames
+
+
+def codeformer_command(codeformer_dir: str, src: str, out_dir: str) -> List[str]:
+    """The published pipeline's CodeFormer call, as an argument list."""
+    return [sys.executable, os.path.join(codeformer_dir, "inference_codeformer.py"), "--bg_upsampler", "realesrgan",
+            "--face_upsample", "-w", "1.0", "-s", "1", "-i", os.path.abspath(src), "-o", os.path.abspath(out_dir)]
+
+
+def enhance_codeformer(src: str, dst: str, codeformer_dir: str) -> int:
+    """Run CodeFormer from the user's checkout on ``src``, then put the clip's audio back."""
+    from lipsync.video import VideoError, count_frames, mux_audio, probe_video
+
+    script = os.path.join(codeformer_dir, "inference_codeformer.py")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"--codeformer_dir {codeformer_dir!r} has no inference_codeformer.py")
+    with tempfile.TemporaryDirectory(prefix="codeformer_") as tmp:
+        proc = subprocess.run(codeformer_command(codeformer_dir, src, tmp), cwd=codeformer_dir,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RuntimeError(f"CodeFormer failed (exit {proc.returncode}): {tail[-1] if tail else ''}")
+        stem = os.path.splitext(os.path.basename(src))[0]
+        produced = glob.glob(os.path.join(glob.escape(tmp), "**", stem + ".mp4"), recursive=True)
+        if not produced:
+            raise RuntimeError(f"CodeFormer wrote no {stem}.mp4 under its output folder")
+        info = probe_video(src)
+        mux_audio(produced[0], src if info.has_audio else None, dst)
+        try:
+            return count_frames(probe_video(dst))
+        except VideoError:
+            os.remove(dst)
+            raise
+
+
+def run_parallel(fn, jobs: list, workers: int):
+    """Yield ``fn(job)`` for each job, in this process or in a pool of ``workers`` processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for fut in as_completed([pool.submit(fn, j) for j in jobs]):
+            yield fut.result()
+
+
+def enhance_job(args: Tuple[str, str, Optional[str]]) -> Tuple[str, Optional[str], int]:
+    """(raw path, error or None, frames): one clip, for a process pool."""
+    src, enhancer, codeformer_dir = args
+    dst = hq_path(src)
+    try:
+        if enhancer == "codeformer":
+            n = enhance_codeformer(src, dst, codeformer_dir)
+        else:
+            n = enhance_builtin(src, dst)
+        return src, None, n
+    except Exception as exc:  # noqa: BLE001 - reported per clip in the failure summary
+        return src, f"{type(exc).__name__}: {exc}", 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing (preprocess.py)
+# ------------------------------------------------------------------------------------------------
+def clip_out_dir(preprocessed_root: str, clip: RawClip) -> str:
+    return os.path.join(preprocessed_root, clip.group, clip.name)
+
+
+def is_done(out_dir: str) -> bool:
+    return os.path.isfile(os.path.join(out_dir, DONE))
+
+
+def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
+    """Face crops, audio and mel of one clip, written to ``out_dir`` atomically (via a .partial dir)."""
+    import audio
+    from lipsync.video import iter_frames, probe_video
+
+    partial = out_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)  # an unfinished earlier attempt
+    os.makedirs(partial)
+    try:
+        info = probe_video(src)
+        if not info.has_audio:
+            raise ValueError("the video has no audio track")
+        wav_path = os.path.join(partial, "audio.wav")
+        audio.save_wav(audio.load_wav(src, 16000), wav_path, 16000)
+        # the cached mel is that of audio.wav as stored (16-bit), i.e. what training would compute
+        mel = audio.melspectrogram(audio.load_wav(wav_path, 16000))
+        frames = faces = 0
+        t0 = time.perf_counter()
+        batch: list = []
+        start = 0
+
+        def flush():
+            nonlocal faces
+            for j, box in enumerate(detector.detect(batch)):
+                if box is None:
+                    continue
+                x1, y1, x2, y2 = box
+                cv2.imwrite(os.path.join(partial, f"{start + j}.jpg"), batch[j][y1:y2, x1:x2])
+                faces += 1
+
+        for frame in iter_frames(info, TRAIN_FPS):
+            batch.append(frame)
+            frames += 1
+            if len(batch) >= batch_size:
+                flush()
+                start += len(batch)
+                batch = []
+        if batch:
+            flush()
+        if faces == 0:
+            raise ValueError(f"no face found in any of its {frames} frames")
+        np.save(os.path.join(partial, "mel.npy"), mel)
+        record = {"source": os.path.abspath(src), "fps": TRAIN_FPS, "frames": frames, "faces": faces,
+                  "source_fps": info.fps, "mel_columns": int(mel.shape[1]),
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        with open(os.path.join(partial, DONE), "w") as fh:
+            json.dump(record, fh)
+        os.replace(partial, out_dir)
+        return record
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# Filelists (generate_filelists.py)
+# ------------------------------------------------------------------------------------------------
+def list_preprocessed(root: str) -> List[Tuple[str, int]]:
+    """(``group/clip``, number of face frames) of every finished clip under ``root``."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data_root is not a directory: {root!r}")
+    out = []
+    for d in sorted(glob.glob(os.path.join(glob.escape(root), "*", "*"))):
+        if not os.path.isdir(d) or d.endswith(".partial"):
+            continue
+        if not os.path.isfile(os.path.join(d, "audio.wav")):
+            continue
+        n = len(glob.glob(os.path.join(glob.escape(d), "*.jpg")))
+        rel = os.path.relpath(d, root).replace(os.sep, "/")
+        out.append((rel, n))
+    return out
+
+
+def split_by_group(clips: List[str], val_fraction: float, test_fraction: float, seed: int) -> Dict[str, List[str]]:
+    """Whole groups go to one split; with >= 3 groups every split gets at least one."""
+    groups = sorted({c.split("/")[0] for c in clips})
+    rng = np.random.default_rng(seed)
+    rng.shuffle(groups)
+    g = len(groups)
+    if g >= 3:
+        n_test = min(g - 2, max(1, int(round(test_fraction * g))))
+        n_val = min(g - 1 - n_test, max(1, int(round(val_fraction * g))))
+    elif g == 2:
+        n_test, n_val = 0, 1
+    else:
+        n_test = n_val = 0
+    test_groups = set(groups[:n_test])
+    val_groups = set(groups[n_test:n_test + n_val])
+    splits: Dict[str, List[str]] = {"train": [], "val": [], "test": []}
+    for c in sorted(clips):
+        grp = c.split("/")[0]
+        splits["test" if grp in test_groups else "val" if grp in val_groups else "train"].append(c)
+    return splits
