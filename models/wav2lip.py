@@ -189,8 +189,11 @@ class Wav2Lip_disc_qual(nn.Module):  # noqa: N801 - the published name
             x = block(x)
         return self.binary_pred[0](x).view(len(x), -1)
 
-    def forward(self, face_sequences):
-        return torch.sigmoid(self.logits(face_sequences))
+    def forward(self, face_sequences, logits: bool = False):
+        """Per-frame probability of 'real'; with ``logits=True`` the pre-sigmoid score (a Wasserstein
+        critic's output). Both through ``forward`` so DistributedDataParallel sees every call."""
+        scores = self.logits(face_sequences)
+        return scores if logits else torch.sigmoid(scores)
 
     def perceptual_forward(self, false_face_sequences):
         """Generator-side loss: BCE of the discriminator's verdict on generated faces against 'real'."""
