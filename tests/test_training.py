@@ -1,0 +1,218 @@
+"""The four training scripts on a tiny generated preprocessed corpus: checkpoints, resume, DDP,
+the dataset's rules, and a trained checkpoint driving inference."""
+import glob
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import audio
+import color_syncnet_train
+import hq_wav2lip_train
+import wav2lip_train
+import wloss_hq_wav2lip_train
+from conftest import REFERENCE, ROOT
+from hparams import get_hparams
+from lipsync import synthetic as S
+from lipsync.data import DatasetError, GeneratorDataset, SyncDataset
+from models import cosine_sync_probability, load_model
+
+FAST = "eval_steps=1,eval_interval=2,syncnet_eval_interval=2,checkpoint_interval=100,batch_size=2,syncnet_batch_size=4"
+
+
+def make_preprocessed(root, groups=4, seconds=1.2, seed=0):
+    """The preprocess.py contract, written straight from the synthetic renderer (crops at the truth boxes)."""
+    rng = np.random.default_rng(seed)
+    clips = []
+    for g in range(groups):
+        ident = S.random_identity(rng, photo=sorted(S.PHOTOS)[g % 2])
+        wav = S.synth_speech(rng, seconds)
+        d = os.path.join(root, f"g{g}", "00001")
+        os.makedirs(d)
+        renderer = S.Renderer(ident)
+        opening, width = S.mouth_track(wav, int(seconds * 25))
+        for k in range(int(seconds * 25)):
+            x1, y1, x2, y2 = renderer.face_box(k)
+            cv2.imwrite(os.path.join(d, f"{k}.jpg"), renderer.render(k, opening[k], width[k])[y1:y2, x1:x2])
+        audio.save_wav(wav, os.path.join(d, "audio.wav"), 16000)
+        np.save(os.path.join(d, "mel.npy"), audio.melspectrogram(audio.load_wav(os.path.join(d, "audio.wav"), 16000)))
+        clips.append(f"g{g}/00001")
+    return clips
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    clips = make_preprocessed(str(root))
+    fl = tmp_path_factory.mktemp("filelists")
+    (fl / "train.txt").write_text("\n".join(clips[:3]) + "\n")
+    (fl / "val.txt").write_text(clips[3] + "\n")
+    (fl / "test.txt").write_text(clips[3] + "\n")
+    return {"root": str(root), "filelists": str(fl), "clips": clips}
+
+
+def common(data, ckdir, steps, extra=FAST):
+    return ["--data_root", data["root"], "--checkpoint_dir", str(ckdir), "--filelists_dir", data["filelists"],
+            "--preset", "tiny", "--hparams", extra, "--max_steps", str(steps), "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def expert(data, tmp_path_factory):
+    ck = tmp_path_factory.mktemp("expert")
+    assert color_syncnet_train.main(common(data, ck, 3)) == 0
+    return ck
+
+
+def test_expert_trains_and_writes_published_checkpoints(expert):
+    names = sorted(os.listdir(expert))
+    assert "checkpoint_step000000001.pth" in names and "checkpoint_step000000003.pth" in names
+    ckpt = torch.load(expert / "checkpoint_step000000003.pth", weights_only=True)
+    for key in ("state_dict", "optimizer", "global_step", "global_epoch", "hparams"):
+        assert key in ckpt
+    assert ckpt["global_step"] == 3
+    loaded = load_model(str(expert / "checkpoint_step000000003.pth"), kind="expert")
+    assert loaded.width == 0.25 and loaded.img_size == 96
+    assert glob.glob(str(expert / "logs" / "events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("script,prefixes", [(wav2lip_train, ["wav2lip_"]),
+                                             (hq_wav2lip_train, ["wav2lip_", "disc_"]),
+                                             (wloss_hq_wav2lip_train, ["wav2lip_", "disc_"])])
+def test_generator_scripts_train(data, expert, tmp_path, script, prefixes):
+    args = common(data, tmp_path, 2) + ["--syncnet_checkpoint_path", str(expert / "checkpoint_step000000001.pth")]
+    assert script.main(args) == 0
+    for prefix in prefixes:
+        assert os.path.isfile(tmp_path / f"{prefix}checkpoint_step000000002.pth")
+    loaded = load_model(str(tmp_path / "wav2lip_checkpoint_step000000002.pth"), kind="generator")
+    assert loaded.checkpoint["global_step"] == 2
+    if "disc_" in prefixes:
+        assert load_model(str(tmp_path / "disc_checkpoint_step000000002.pth"), kind="disc").img_size == 96
+
+
+def test_resume_continues_step_schedule_and_optimizer(data, expert, tmp_path):
+    expert_ckpt = str(expert / "checkpoint_step000000001.pth")
+    # a threshold every eval passes: the sync-loss weight switches on at the first evaluation (step 2)
+    extra = FAST + ",syncnet_wt_threshold=100"
+    assert wav2lip_train.main(common(data, tmp_path, 2, extra) + ["--syncnet_checkpoint_path", expert_ckpt]) == 0
+    first = torch.load(tmp_path / "wav2lip_checkpoint_step000000002.pth", weights_only=True)
+    assert first["syncnet_wt"] == pytest.approx(0.01)
+    resume = ["--checkpoint_path", str(tmp_path / "wav2lip_checkpoint_step000000002.pth")]
+    assert wav2lip_train.main(common(data, tmp_path, 4) + ["--syncnet_checkpoint_path", expert_ckpt] + resume) == 0
+    second = torch.load(tmp_path / "wav2lip_checkpoint_step000000004.pth", weights_only=True)
+    assert second["global_step"] == 4 and second["syncnet_wt"] == pytest.approx(0.01)
+    adam_steps = {float(s["step"]) for s in second["optimizer"]["state"].values()}
+    assert adam_steps == {4.0}  # the optimizer continued, not restarted
+    # asking for a step already reached does nothing and succeeds
+    assert wav2lip_train.main(common(data, tmp_path, 4) + ["--syncnet_checkpoint_path", expert_ckpt, "--checkpoint_path",
+                                                          str(tmp_path / "wav2lip_checkpoint_step000000004.pth")]) == 0
+
+
+def test_keeps_last_n_and_best(data, tmp_path):
+    extra = FAST + ",keep_last_checkpoints=2,syncnet_checkpoint_interval=1"
+    assert color_syncnet_train.main(common(data, tmp_path, 4, extra)) == 0
+    steps = sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint_step"))
+    assert steps == ["checkpoint_step000000003.pth", "checkpoint_step000000004.pth"]
+    assert os.path.isfile(tmp_path / "checkpoint_best.pth")
+    assert not glob.glob(str(tmp_path / "*.tmp*"))
+
+
+def test_trained_checkpoint_drives_inference(data, expert, tmp_path):
+    import inference
+
+    ck = tmp_path / "ck"
+    assert wav2lip_train.main(common(data, ck, 1) + ["--syncnet_checkpoint_path",
+                                                      str(expert / "checkpoint_step000000001.pth")]) == 0
+    face = os.path.join(data["root"], data["clips"][0], "0.jpg")
+    out = tmp_path / "out.mp4"
+    assert inference.main(["--checkpoint_path", str(ck / "wav2lip_checkpoint_step000000001.pth"), "--face", face,
+                           "--audio", os.path.join(REFERENCE, "speechlike_16k.wav"), "--outfile", str(out),
+                           "--box", "0", "100", "0", "100", "--quiet"]) == 0
+    assert out.exists()
+
+
+def test_ddp_two_processes_gloo(data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           os.path.join(ROOT, "color_syncnet_train.py")] + common(data, tmp_path, 2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoint_step000000002.pth", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])  # rank 0 saves the bare model
+
+
+def test_ddp_wgan_two_processes(data, expert, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           os.path.join(ROOT, "wloss_hq_wav2lip_train.py")] + common(data, tmp_path, 1) + [
+        "--syncnet_checkpoint_path", str(expert / "checkpoint_step000000001.pth")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "disc_checkpoint_step000000001.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+def test_sync_dataset_balanced_and_offset(data):
+    hp = get_hparams("tiny")
+    ds = SyncDataset([os.path.join(data["root"], c) for c in data["clips"]], hp, seed=0, samples_per_epoch=20)
+    labels = [float(ds[i][2]) for i in range(20)]
+    assert labels == [1.0, 0.0] * 10
+    x, mel, y = ds[0]
+    assert x.shape == (15, 48, 96) and mel.shape == (1, 80, 16)
+    assert torch.equal(ds[3][0], ds[3][0])  # deterministic for (seed, epoch, index)
+    clip = ds.clips[0]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = int(clip.starts[rng.integers(len(clip.starts))])
+        assert abs(ds.far_start(clip, s, rng, 5) - s) >= 5
+
+
+def test_generator_dataset_uses_the_inference_alignment(data):
+    hp = get_hparams("tiny")
+    ds = GeneratorDataset([os.path.join(data["root"], data["clips"][0])], hp, seed=0)
+    x, indiv, mel, y = ds[0]
+    assert x.shape == (6, 5, 96, 96) and y.shape == (3, 5, 96, 96) and indiv.shape == (5, 1, 80, 16)
+    assert float(x[:3, :, 48:].abs().max()) == 0.0  # lower half of the target masked
+    clip = ds.clips[0]
+    # recover the window start from the sync mel window, then check every per-frame window
+    start = next(int(s) for s in clip.starts
+                 if np.array_equal(audio.crop_mel_window(clip.mel, int(s), 25.0), mel[0].numpy()))
+    for k in range(5):
+        np.testing.assert_array_equal(indiv[k, 0].numpy(), audio.crop_mel_window(clip.mel, start + k, 25.0))
+
+
+def test_dataset_fails_clearly_and_counts_drops(data, tmp_path):
+    hp = get_hparams("tiny")
+    short = tmp_path / "short"
+    short.mkdir()
+    for k in range(3):
+        cv2.imwrite(str(short / f"{k}.jpg"), np.zeros((20, 20, 3), np.uint8))
+    np.save(short / "mel.npy", np.zeros((80, 40), np.float32))
+    with pytest.raises(DatasetError, match="no usable train clips.*too short.*missing directory"):
+        SyncDataset([str(short), str(tmp_path / "nope")], hp)
+    ds = SyncDataset([str(short), os.path.join(data["root"], data["clips"][0])], hp)
+    assert len(ds.clips) == 1 and sum(ds.dropped.values()) == 1
+
+
+def test_missing_filelist_is_a_clear_error(data, tmp_path, capsys):
+    args = common(data, tmp_path, 1)
+    args[args.index("--filelists_dir") + 1] = str(tmp_path / "none")
+    assert color_syncnet_train.main(args) == 2
+    assert "filelist not found" in capsys.readouterr().err
+
+
+def test_expert_probability_is_safe():
+    e = torch.nn.functional.normalize(torch.rand(4, 8), dim=1)
+    p = cosine_sync_probability(e, e.clone() * (1 + 1e-7))
+    assert (p < 1).all() and (p > 0).all()
+    loss = torch.nn.functional.binary_cross_entropy(p.unsqueeze(1), torch.zeros(4, 1))
+    assert torch.isfinite(loss)
+
+
+def test_unknown_hparam_is_rejected(data, tmp_path):
+    with pytest.raises(SystemExit):
+        color_syncnet_train.main(common(data, tmp_path, 1, "not_a_key=1"))
