@@ -10,7 +10,6 @@ Runs on 2 CPU cores with the tiny preset; --steps_scale shortens or lengthens bo
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -24,8 +23,9 @@ def build_parser():
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
     p.add_argument("--clips", type=int, default=24)
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--expert_steps", type=int, default=700)
-    p.add_argument("--generator_steps", type=int, default=900)
+    p.add_argument("--clips_per_group", type=int, default=2, help="more groups = more identities to learn from")
+    p.add_argument("--expert_steps", type=int, default=1200)
+    p.add_argument("--generator_steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
 
     log("1/7 synthetic corpus")
     assert synthetic_corpus.main(["--out", raw, "--clips", str(args.clips), "--seconds", str(args.seconds),
-                                  "--seed", str(args.seed), "--quiet"]) == 0
+                                  "--clips_per_group", str(args.clips_per_group), "--seed", str(args.seed),
+                                  "--quiet"]) == 0
     log("2/7 enhanced (_hq) videos")
     if generate_hq_videos.main(["--data_root", raw, "--workers", "2", "--quiet"]) != 0:
         raise SystemExit("generate_hq_videos.py failed")
@@ -108,11 +109,13 @@ def main(argv=None) -> int:
                                     "--test_fraction", "0.15", "--seed", str(args.seed)]) == 0
 
     hp_over = f"seed={args.seed}"
+    # the expert learns the synthetic task in a few hundred steps with a larger batch and step size
+    expert_over = hp_over + ",syncnet_lr=1e-3,syncnet_batch_size=32,syncnet_eval_interval=100"
     log(f"5/7 expert ({args.expert_steps} steps)")
     expert_ckpt = os.path.join(ck, f"checkpoint_step{args.expert_steps:09d}.pth")
     if not os.path.exists(expert_ckpt):
         rc = color_syncnet_train.main(["--data_root", pre, "--checkpoint_dir", ck, "--filelists_dir", fl,
-                                       "--preset", "tiny", "--hparams", hp_over, "--max_steps", str(args.expert_steps),
+                                       "--preset", "tiny", "--hparams", expert_over, "--max_steps", str(args.expert_steps),
                                        "--device", args.device] + q)
         assert rc == 0, "expert training failed"
     log(f"6/7 generator ({args.generator_steps} steps, sync loss switched on when the expert agrees)")

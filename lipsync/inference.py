@@ -24,7 +24,7 @@ import torch
 import audio
 from face_detection import DEFAULT_S3FD_PATH, get_detector
 from lipsync.device import resolve_device
-from lipsync.video import VideoError, VideoWriter, is_image_path, iter_frames, probe_video, read_image
+from lipsync.video import VideoWriter, is_image_path, iter_frames, probe_video, read_image
 
 log = logging.getLogger(__name__)
 

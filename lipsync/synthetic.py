@@ -360,3 +360,28 @@ def corpus_plan(n_clips: int, seed: int, clips_per_group: int = 4, seconds: floa
             plan.append({"group": group, "clip": f"{c + 1:05d}", "identity": ident,
                          "audio_seed": int(rng.integers(0, 2**31 - 1)), "seconds": seconds})
     return plan
+
+
+def write_preprocessed(root: str, groups: int = 4, seconds: float = 1.2, seed: int = 0) -> List[str]:
+    """The preprocess.py output contract, written straight from the renderer (crops at the truth
+    boxes, no detector): a fast fixture for training tests and benchmarks. Returns ``group/clip``s."""
+    import audio
+
+    rng = np.random.default_rng(seed)
+    clips = []
+    n = int(round(seconds * FPS))
+    for g in range(groups):
+        ident = random_identity(rng, photo=sorted(PHOTOS)[g % len(PHOTOS)])
+        wav = synth_speech(rng, seconds)
+        d = os.path.join(root, f"g{g}", "00001")
+        os.makedirs(d, exist_ok=True)
+        renderer = Renderer(ident)
+        opening, width = mouth_track(wav, n)
+        for k in range(n):
+            x1, y1, x2, y2 = renderer.face_box(k)
+            cv2.imwrite(os.path.join(d, f"{k}.jpg"), renderer.render(k, opening[k], width[k])[y1:y2, x1:x2])
+        wav_path = os.path.join(d, "audio.wav")
+        audio.save_wav(wav, wav_path, SR)
+        np.save(os.path.join(d, "mel.npy"), audio.melspectrogram(audio.load_wav(wav_path, SR)))
+        clips.append(f"g{g}/00001")
+    return clips

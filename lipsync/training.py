@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch

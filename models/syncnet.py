@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .conv import Conv2d, build_stack, scaled
+from .conv import build_stack
 
 R = True
 N = False

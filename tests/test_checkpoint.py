@@ -4,7 +4,6 @@ import os
 import pytest
 import torch
 
-from face_detection.sfd import S3FDDetector  # noqa: F401 - import check only
 from models import CheckpointError, SyncNet_color, Wav2Lip, Wav2Lip_disc_qual, load_model
 
 

@@ -326,3 +326,13 @@ def test_main_returns_exit_codes(media, tmp_path):
                            "--device", "cpu"]) == 0
     assert inference.main(["--checkpoint_path", media["ckpt"], "--face", str(tmp_path / "missing.mp4"),
                            "--audio", WAV, "--quiet"]) == 2
+
+
+def test_detection_flags_run(media, tmp_path):
+    """--det_scale, --face_det_batch_size and --nosmooth change only how boxes are found."""
+    base, _ = run(media, tmp_path, face=media["marked"])
+    for kw in ({"det_scale": 0.5}, {"face_det_batch_size": 3}, {"nosmooth": True}):
+        s, frames = run(media, tmp_path, face=media["marked"], **kw)
+        assert s.frames == base.frames == 83 and s.frames_without_face == 0
+    with pytest.raises(Exception, match="det_scale"):
+        run(media, tmp_path, det_scale=1.5)

@@ -24,30 +24,10 @@ from models import cosine_sync_probability, load_model
 FAST = "eval_steps=1,eval_interval=2,syncnet_eval_interval=2,checkpoint_interval=100,batch_size=2,syncnet_batch_size=4"
 
 
-def make_preprocessed(root, groups=4, seconds=1.2, seed=0):
-    """The preprocess.py contract, written straight from the synthetic renderer (crops at the truth boxes)."""
-    rng = np.random.default_rng(seed)
-    clips = []
-    for g in range(groups):
-        ident = S.random_identity(rng, photo=sorted(S.PHOTOS)[g % 2])
-        wav = S.synth_speech(rng, seconds)
-        d = os.path.join(root, f"g{g}", "00001")
-        os.makedirs(d)
-        renderer = S.Renderer(ident)
-        opening, width = S.mouth_track(wav, int(seconds * 25))
-        for k in range(int(seconds * 25)):
-            x1, y1, x2, y2 = renderer.face_box(k)
-            cv2.imwrite(os.path.join(d, f"{k}.jpg"), renderer.render(k, opening[k], width[k])[y1:y2, x1:x2])
-        audio.save_wav(wav, os.path.join(d, "audio.wav"), 16000)
-        np.save(os.path.join(d, "mel.npy"), audio.melspectrogram(audio.load_wav(os.path.join(d, "audio.wav"), 16000)))
-        clips.append(f"g{g}/00001")
-    return clips
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
-    clips = make_preprocessed(str(root))
+    clips = S.write_preprocessed(str(root))
     fl = tmp_path_factory.mktemp("filelists")
     (fl / "train.txt").write_text("\n".join(clips[:3]) + "\n")
     (fl / "val.txt").write_text(clips[3] + "\n")
