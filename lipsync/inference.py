@@ -455,7 +455,6 @@ def run_inference(cfg: InferenceConfig, frame_sink: Optional[Callable[[int, np.n
     t_start = time.perf_counter()
     _validate(cfg)
     device = resolve_device(cfg.device)
-    torch.set_grad_enabled(False)
     timings: dict = {}
 
     model, img_size = load_generator(cfg.checkpoint_path, device)
