@@ -250,24 +250,24 @@ class Renderer:
             M = np.array([[-1, 0, s - 1], [0, 1, 0]], np.float64) @ np.vstack([M, [0, 0, 1]])
         return M
 
-    def face_box(self, k: int) -> Tuple[int, int, int, int]:
-        x1, y1, x2, y2 = self.info["face"]
-        pts = np.array([[x1, y1, 1], [x2, y1, 1], [x1, y2, 1], [x2, y2, 1]], np.float64)
+    def _frame_box(self, corners, k: int) -> Tuple[int, int, int, int]:
+        """Axis-aligned box in frame k around photograph-coordinate points, clipped to the frame."""
+        pts = np.hstack([np.asarray(corners, np.float64), np.ones((len(corners), 1))])
         out = pts @ self.transform(k).T
         s = self.ident.frame_size
         return (int(max(0, out[:, 0].min())), int(max(0, out[:, 1].min())),
                 int(min(s, out[:, 0].max())), int(min(s, out[:, 1].max())))
 
+    def face_box(self, k: int) -> Tuple[int, int, int, int]:
+        x1, y1, x2, y2 = self.info["face"]
+        return self._frame_box([[x1, y1], [x2, y1], [x1, y2], [x2, y2]], k)
+
     def mouth_roi(self, k: int) -> Tuple[int, int, int, int]:
         """(x1, y1, x2, y2) in the frame around the drawn mouth at its widest and most open."""
         mx, my = self.info["mouth"]
         w, h = self.info["mouth_w"], self.info["mouth_h"]
-        pts = np.array([[mx - 0.6 * w, my - 1.2 * h, 1], [mx + 0.6 * w, my - 1.2 * h, 1],
-                        [mx - 0.6 * w, my + 1.6 * h, 1], [mx + 0.6 * w, my + 1.6 * h, 1]], np.float64)
-        out = pts @ self.transform(k).T
-        s = self.ident.frame_size
-        return (int(max(0, out[:, 0].min())), int(max(0, out[:, 1].min())),
-                int(min(s, out[:, 0].max())), int(min(s, out[:, 1].max())))
+        return self._frame_box([[mx - 0.6 * w, my - 1.2 * h], [mx + 0.6 * w, my - 1.2 * h],
+                                [mx - 0.6 * w, my + 1.6 * h], [mx + 0.6 * w, my + 1.6 * h]], k)
 
     def render(self, k: int, opening: float, width: float) -> np.ndarray:
         info = self.info
