@@ -19,13 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def iou(a, b):
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=8)
@@ -39,7 +32,7 @@ def main(argv=None):
 
     import preprocess
     import synthetic_corpus
-    from face_detection import get_detector
+    from face_detection import box_iou as iou, get_detector
     from lipsync.video import iter_frames, probe_video
 
     work = tempfile.mkdtemp(prefix="prep_bench_")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Box, DetectorError, FaceDetector
+from .base import Box, DetectorError, FaceDetector, box_iou
 
 DEFAULT_S3FD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detection", "sfd", "s3fd.pth")
 S3FD_URL = "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth"
@@ -31,4 +31,4 @@ def get_detector(name: str = "sfd", device="cpu", weights_path: str | None = Non
     raise DetectorError(f"unknown face detector {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Box", "DEFAULT_S3FD_PATH", "DetectorError", "FaceDetector", "S3FD_URL", "get_detector"]
+__all__ = ["BACKENDS", "Box", "box_iou", "DEFAULT_S3FD_PATH", "DetectorError", "FaceDetector", "S3FD_URL", "get_detector"]

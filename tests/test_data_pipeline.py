@@ -91,8 +91,7 @@ def test_true_video_renders_for_any_audio_and_measures_back(corpus, tmp_path):
 
 
 def test_lbp_finds_synthetic_faces(corpus):
-    from face_detection import get_detector
-    from test_face_detection import iou
+    from face_detection import box_iou as iou, get_detector
 
     det = get_detector("lbp")
     found, ious, total = 0, [], 0

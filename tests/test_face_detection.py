@@ -5,20 +5,13 @@ import pytest
 import torch
 
 from face_detection import DEFAULT_S3FD_PATH, S3FD_URL, DetectorError, get_detector
+from face_detection import box_iou as iou
 from face_detection.sfd import BGR_MEAN, boxes_from_outputs
 from fill_rule import fill_state_dict
 
 # faces located by eye (forehead to chin, cheek to cheek), in pixels
 ASTRONAUT_FACE = (172, 70, 272, 182)
 GRACE_HOPPER_FACE = (160, 135, 372, 340)
-
-
-def iou(a, b):
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
 
 
 def astronaut_bgr():
