@@ -166,6 +166,14 @@ def main(argv=None) -> int:
     in_open = [S.measure_opening(inputs[k], ident, k % len(source), renderer) for k in range(n)]
     truth_measured = [S.measure_opening(truth_frames[k], ident, k, renderer) for k in range(n)]
 
+    # LSE-D / LSE-C of the result with the demo's expert, and of the same video with its audio 5 frames late
+    from lipsync.evaluation import ExpertScorer, read_video_for_scoring, shift_audio, sync_score
+
+    scorer = ExpertScorer(expert_ckpt)
+    scored = read_video_for_scoring(result, "lbp", expert=scorer)
+    lse = sync_score(*scorer.features(scored.faces, scored.wav))
+    lse_late = sync_score(*scorer.features(scored.faces, shift_audio(scored.wav, 5)))
+
     hp = get_hparams("tiny", hp_over)
     test_dirs = [os.path.join(pre, c) for c in test]
     metrics = {
@@ -174,6 +182,10 @@ def main(argv=None) -> int:
         "baseline_mouth_open_corr": pearson(in_open, true_open),
         "truth_measurement_corr": pearson(truth_measured, true_open),
         "av_offset_frames": best_lag(np.array(gen_open), np.array(true_open)),
+        "lse_d": round(lse.lse_d, 4), "lse_c": round(lse.lse_c, 4), "lse_offset_frames": lse.offset,
+        "lse_d_audio_5_late": round(lse_late.lse_d, 4), "lse_c_audio_5_late": round(lse_late.lse_c, 4),
+        "sync_dist_at_0": round(lse.dist_at_0, 4), "sync_dist_at_0_audio_5_late": round(lse_late.dist_at_0, 4),
+        "lse_offset_frames_audio_5_late": lse_late.offset,
         "frames": n,
         "face_clip": os.path.relpath(face_clip, out),
         "audio": os.path.relpath(speech, out),

@@ -58,6 +58,11 @@ class HParams:
     save_optimizer_state: bool = True
     keep_last_checkpoints: int = 3
     seed: int = 0
+    # learning-rate schedule of every optimizer, a function of the global step (so resume continues
+    # it): "constant", or "cosine" from the base rate down to lr_min_ratio x base at lr_decay_steps
+    lr_schedule: str = "constant"
+    lr_decay_steps: int = 0
+    lr_min_ratio: float = 0.05
 
     # sync-loss weight schedule: 0 until the eval sync loss falls under the threshold, then
     # syncnet_wt_gan (GAN trainers) or syncnet_wt_l1 (plain trainer)
@@ -111,7 +116,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-_ALLOWED_CHOICES = {"amp": ("none", "bf16", "fp16"), "img_size": (96, 288)}
+_ALLOWED_CHOICES = {"amp": ("none", "bf16", "fp16"), "img_size": (96, 288), "lr_schedule": ("constant", "cosine")}
 
 
 class HParamsError(ValueError):

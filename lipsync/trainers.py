@@ -164,6 +164,9 @@ class GANTrainer(GeneratorTrainer):
     def models(self):
         return [self.net, self.disc_net]
 
+    def optimizers(self):
+        return super().optimizers() + [(self.disc_opt, self.hp.disc_initial_learning_rate)]
+
     def target_sync_wt(self) -> float:
         return self.hp.syncnet_wt_gan
 

@@ -299,6 +299,7 @@ class Trainer:
                     self.sampler.set_epoch(self.global_epoch)
                 for batch in self.train_loader:
                     batch = self.to_device(batch)
+                    self.apply_lr_schedule()
                     losses = self.train_step(batch)
                     self.global_step += 1
                     samples += len(batch[0]) * self.env.world
@@ -344,7 +345,26 @@ class Trainer:
                 writer.close()
 
     def lr(self) -> float:
-        return float(getattr(self.hp, self.lr_key))
+        """The generator's / expert's learning rate at the current step."""
+        return float(getattr(self.hp, self.lr_key)) * lr_factor(self.global_step, self.hp)
+
+    def optimizers(self) -> list:
+        """(optimizer, base learning rate) pairs the schedule drives."""
+        return [(self.opt, float(getattr(self.hp, self.lr_key)))]
+
+    def apply_lr_schedule(self):
+        factor = lr_factor(self.global_step, self.hp)
+        for opt, base in self.optimizers():
+            for group in opt.param_groups:
+                group["lr"] = base * factor
+
+
+def lr_factor(step: int, hp: HParams) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based: the step about to be taken)."""
+    if hp.lr_schedule == "constant" or hp.lr_decay_steps <= 0:
+        return 1.0
+    t = min(step / hp.lr_decay_steps, 1.0)
+    return hp.lr_min_ratio + (1.0 - hp.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def seed_everything(seed: int, rank: int = 0):

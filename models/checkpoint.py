@@ -70,14 +70,16 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return obj
 
 
-def strip_wrapper_prefixes(state_dict: dict) -> dict:
-    """Drop the ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+def strip_wrapper_prefixes(state_dict: dict, extra: tuple = ()) -> dict:
+    """Drop the ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile) prefixes, and any
+    ``extra`` ones."""
+    prefixes = tuple(_WRAPPER_PREFIXES) + tuple(extra)
     out = {}
     for key, value in state_dict.items():
         changed = True
         while changed:
             changed = False
-            for prefix in _WRAPPER_PREFIXES:
+            for prefix in prefixes:
                 if key.startswith(prefix):
                     key = key[len(prefix):]
                     changed = True
