@@ -52,6 +52,9 @@ class HParams:
     initial_learning_rate: float = 1e-4
     nepochs: int = 200000000000000000
     num_workers: int = 16
+    # decoded, resized face crops kept in memory per data-loading process (0: read every time); a
+    # small corpus fits and then costs no JPEG decoding after the first epoch
+    frame_cache_mb: int = 0
     checkpoint_interval: int = 3000
     eval_interval: int = 3000
     eval_steps: int = 700
@@ -106,6 +109,7 @@ PRESETS: dict[str, dict] = {
         "batch_size": 4,
         "syncnet_batch_size": 16,
         "num_workers": 0,
+        "frame_cache_mb": 1024,
         "checkpoint_interval": 50,
         "eval_interval": 50,
         "eval_steps": 8,

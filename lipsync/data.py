@@ -69,6 +69,8 @@ class WindowDataset(Dataset):
         self.T = hp.syncnet_T
         self.skipped: Counter = Counter()
         self.dropped: Counter = Counter()
+        self._cache: dict = {}
+        self._cache_left = int(hp.frame_cache_mb) * 2**20
         self.clips: List[Clip] = []
         for d in clip_dirs:
             clip = self._index_clip(d)
@@ -128,15 +130,28 @@ class WindowDataset(Dataset):
 
     def read_window(self, clip: Clip, start: int) -> Optional[np.ndarray]:
         """(T, S, S, 3) float32 in [0, 1], BGR as OpenCV reads; None if an image is unreadable."""
-        s = self.hp.img_size
         out = []
         for k in range(start, start + self.T):
-            img = cv2.imread(os.path.join(clip.path, f"{k}.jpg"))
+            img = self.read_frame(clip, k)
             if img is None:
                 self.skipped["unreadable image"] += 1
                 return None
-            out.append(cv2.resize(img, (s, s)))
+            out.append(img)
         return np.stack(out).astype(np.float32) / 255.0
+
+    def read_frame(self, clip: Clip, k: int) -> Optional[np.ndarray]:
+        """One face crop resized to img_size (uint8 BGR), from the frame cache when it is there."""
+        key = (clip.path, k)
+        img = self._cache.get(key)
+        if img is None:
+            img = cv2.imread(os.path.join(clip.path, f"{k}.jpg"))
+            if img is None:
+                return None
+            img = cv2.resize(img, (self.hp.img_size, self.hp.img_size))
+            if img.nbytes <= self._cache_left:
+                self._cache[key] = img
+                self._cache_left -= img.nbytes
+        return img
 
     def mel_window(self, clip: Clip, frame: int) -> np.ndarray:
         m = audio.crop_mel_window(clip.mel, frame, self.hp.fps, self.hp.syncnet_mel_step_size, self.hp)

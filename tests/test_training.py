@@ -91,6 +91,25 @@ def test_resume_continues_step_schedule_and_optimizer(data, expert, tmp_path):
                                                           str(tmp_path / "wav2lip_checkpoint_step000000004.pth")]) == 0
 
 
+def test_cosine_learning_rate_schedule_resumes(data, tmp_path):
+    from hparams import HParamsError
+    from lipsync.training import lr_factor
+
+    hp = get_hparams("tiny", "lr_schedule=cosine,lr_decay_steps=4,lr_min_ratio=0.1")
+    assert [round(lr_factor(s, hp), 4) for s in (0, 2, 4, 9)] == [1.0, 0.55, 0.1, 0.1]
+    assert lr_factor(3, get_hparams("tiny")) == 1.0  # constant unless asked for
+    with pytest.raises(HParamsError):
+        get_hparams("tiny", "lr_schedule=step")
+    extra = FAST + ",syncnet_lr=1e-3,lr_schedule=cosine,lr_decay_steps=4,lr_min_ratio=0.1"
+    assert color_syncnet_train.main(common(data, tmp_path, 2, extra)) == 0
+    ck2 = torch.load(tmp_path / "checkpoint_step000000002.pth", weights_only=True)
+    assert ck2["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * lr_factor(1, hp))  # step 2 used factor(1)
+    resume = ["--checkpoint_path", str(tmp_path / "checkpoint_step000000002.pth")]
+    assert color_syncnet_train.main(common(data, tmp_path, 5, extra) + resume) == 0
+    ck5 = torch.load(tmp_path / "checkpoint_step000000005.pth", weights_only=True)
+    assert ck5["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)   # reached the floor after resume
+
+
 def test_keeps_last_n_and_best(data, tmp_path):
     extra = FAST + ",keep_last_checkpoints=2,syncnet_checkpoint_interval=1"
     assert color_syncnet_train.main(common(data, tmp_path, 4, extra)) == 0
@@ -149,6 +168,19 @@ def test_sync_dataset_balanced_and_offset(data):
     for _ in range(50):
         s = int(clip.starts[rng.integers(len(clip.starts))])
         assert abs(ds.far_start(clip, s, rng, 5) - s) >= 5
+
+
+def test_frame_cache_gives_the_same_samples_within_its_budget(data):
+    clips = [os.path.join(data["root"], c) for c in data["clips"]]
+    plain = SyncDataset(clips, get_hparams("tiny", "frame_cache_mb=0"), seed=0, samples_per_epoch=12)
+    cached = SyncDataset(clips, get_hparams("tiny", "frame_cache_mb=1"), seed=0, samples_per_epoch=12)
+    for i in range(12):
+        for a, b in zip(plain[i], cached[i]):
+            assert torch.equal(a, b)
+    for i in range(12):                                  # second epoch over the same indices: cache hits
+        assert torch.equal(plain[i][0], cached[i][0])
+    assert plain._cache == {}
+    assert 0 < sum(v.nbytes for v in cached._cache.values()) <= 2**20   # never past the budget
 
 
 def test_generator_dataset_uses_the_inference_alignment(data):
