@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     from lipsync.device import resolve_device
     from lipsync.evaluation import (EvaluationError, ExpertScorer, SyncNetV2Scorer, compare_videos,
                                     read_video_for_scoring, sync_score)
+    from face_detection import DetectorError, get_detector
     from models.checkpoint import CheckpointError
 
     try:
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
     try:
         expert = ExpertScorer(args.checkpoint_path, device) if args.checkpoint_path else None
         syncnet = SyncNetV2Scorer(args.syncnet_model, device) if args.syncnet_model else None
-    except (CheckpointError, FileNotFoundError) as exc:
+        detector = None if args.box else get_detector(args.face_detector, device=device, weights_path=args.s3fd_path)
+    except (CheckpointError, DetectorError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -95,8 +97,8 @@ def main(argv=None) -> int:
     for i, path in enumerate(videos):
         row = {"video": path}
         try:
-            data = read_video_for_scoring(path, args.face_detector, args.box, expert, syncnet is not None, device,
-                                          args.s3fd_path, progress=not args.quiet)
+            data = read_video_for_scoring(path, detector, args.box, expert, syncnet is not None, device,
+                                          progress=not args.quiet)
             row["frames"] = data.frames
             row["frames_without_face"] = data.frames_without_face
             for scorer, inputs in ((expert, data.faces), (syncnet, data.syncnet_crops)):

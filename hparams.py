@@ -79,6 +79,9 @@ class HParams:
     syncnet_lr: float = 1e-4
     syncnet_eval_interval: int = 10000
     syncnet_checkpoint_interval: int = 10000
+    # random flip, colour gain / offset and a small zoom of each training window (the same for its
+    # 5 frames): the expert then generalises to faces it has not seen instead of memorising them
+    syncnet_augment: bool = False
 
     # ---- visual-quality discriminator ----
     disc_wt: float = 0.07

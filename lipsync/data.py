@@ -173,6 +173,20 @@ class WindowDataset(Dataset):
         raise DatasetError(f"{self.split}: 20 draws in a row hit unreadable images ({dict(self.skipped)})")
 
 
+def augment_window(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random look for a whole (T, S, S, 3) window in [0, 1]: mirror, per-channel gain, offset,
+    and a zoom of up to 10% about a random point (mouth motion across the frames is untouched)."""
+    if rng.random() < 0.5:
+        window = window[:, :, ::-1]
+    s = window.shape[1]
+    crop = int(round(s * rng.uniform(0.9, 1.0)))
+    y0, x0 = (int(rng.integers(0, s - crop + 1)) for _ in range(2))
+    if crop < s:
+        window = np.stack([cv2.resize(f[y0:y0 + crop, x0:x0 + crop], (s, s)) for f in window])
+    window = window * rng.uniform(0.8, 1.2, 3).astype(np.float32) + np.float32(rng.uniform(-0.08, 0.08))
+    return np.clip(window, 0.0, 1.0, dtype=np.float32)
+
+
 class SyncDataset(WindowDataset):
     """Expert pairs: 5 lower halves + a mel window; y = 1 in sync, 0 at least ``min_offset`` frames off.
     Even indices are in sync and odd ones off, so every batch is balanced."""
@@ -188,6 +202,8 @@ class SyncDataset(WindowDataset):
             window = self.read_window(clip, frames_at)
             if window is None:
                 return None
+            if self.hp.syncnet_augment and self.split == "train":
+                window = augment_window(window, rng)
             half = window[:, self.hp.img_size // 2:]                 # (T, S/2, S, 3)
             x = np.concatenate(list(half), axis=2).transpose(2, 0, 1)  # (3T, S/2, S)
             mel = self.mel_window(clip, start)

@@ -233,12 +233,13 @@ class ScoredVideo:
     frames_without_face: int
 
 
-def read_video_for_scoring(path: str, detector: str = "lbp", box: Optional[Sequence[int]] = None,
+def read_video_for_scoring(path: str, detector="lbp", box: Optional[Sequence[int]] = None,
                            expert: Optional[ExpertScorer] = None, with_syncnet: bool = False,
                            device="cpu", s3fd_path: Optional[str] = None, batch_size: int = 16,
                            progress: bool = False) -> ScoredVideo:
     """Decode at 25 fps, find the face in every frame (or use ``box`` = x1 y1 x2 y2), and keep only
-    what the scorers need (the crops), so long videos fit in memory."""
+    what the scorers need (the crops), so long videos fit in memory. ``detector``: a FaceDetector or
+    a backend name."""
     from tqdm import tqdm
 
     from lipsync.video import VideoError, iter_frames, probe_video
@@ -255,7 +256,7 @@ def read_video_for_scoring(path: str, detector: str = "lbp", box: Optional[Seque
     else:
         from face_detection import get_detector
 
-        det = get_detector(detector, device=device, weights_path=s3fd_path)
+        det = get_detector(detector, device=device, weights_path=s3fd_path) if isinstance(detector, str) else detector
         raw, batch = [], []
         with tqdm(desc=f"detect {os.path.basename(path)}", unit="frame", disable=not progress, leave=False) as bar:
             for frame in iter_frames(info, FPS):

@@ -226,6 +226,11 @@ def test_evaluate_errors(videos, tmp_path, capsys):
     assert evaluate.main(["--videos", str(tmp_path / "nope.mp4"), "--checkpoint_path", "x.pth"]) == 2
     assert "not found" in capsys.readouterr().err
     assert evaluate.main(["--videos", videos["in_sync"], "--syncnet_model", str(tmp_path / "missing.model")]) == 2
+    # S3FD without its weights file: one clear error before any video is read
+    torch.save(SyncNetV2().state_dict(), tmp_path / "s.model")
+    assert evaluate.main(["--videos", videos["in_sync"], "--syncnet_model", str(tmp_path / "s.model"),
+                          "--s3fd_path", str(tmp_path / "no_s3fd.pth")]) == 2
+    assert "s3fd" in capsys.readouterr().err.lower()
 
 
 # ------------------------------------------------------------------------------------------------

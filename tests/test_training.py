@@ -183,6 +183,22 @@ def test_frame_cache_gives_the_same_samples_within_its_budget(data):
     assert 0 < sum(v.nbytes for v in cached._cache.values()) <= 2**20   # never past the budget
 
 
+def test_expert_augmentation_only_on_training_windows(data):
+    clips = [os.path.join(data["root"], c) for c in data["clips"]]
+    hp = get_hparams("tiny", "syncnet_augment=true")
+    plain = SyncDataset(clips, get_hparams("tiny"), seed=0, samples_per_epoch=8)
+    train = SyncDataset(clips, hp, seed=0, samples_per_epoch=8)
+    val = SyncDataset(clips, hp, seed=0, samples_per_epoch=8, split="val")
+    for i in range(8):
+        assert torch.equal(plain[i][0], val[i][0])                  # evaluation sees the data as it is
+        assert torch.equal(plain[i][1], train[i][1]) and torch.equal(plain[i][2], train[i][2])
+    changed = [not torch.equal(plain[i][0], train[i][0]) for i in range(8)]
+    assert all(changed)
+    x = train[0][0]
+    assert x.shape == (15, 48, 96) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert torch.equal(train[5][0], train[5][0])                    # still deterministic per index
+
+
 def test_generator_dataset_uses_the_inference_alignment(data):
     hp = get_hparams("tiny")
     ds = GeneratorDataset([os.path.join(data["root"], data["clips"][0])], hp, seed=0)
