@@ -8,9 +8,10 @@ with known damage.
    -6..6: the measured offset minus k, per clip and overall.
 2. The same clips with another clip's audio ("corrupted"): their confidence (LSE-C) next to the
    clips' own.
-3. A copy of the preprocessed corpus where a third of the --split clips are shifted by 1..6 frames
-   and one is corrupted, corrected with ``sync_correct.py --fix``: how many were fixed (measured in
-   sync afterwards) and whether the corrupted clips left the filelists.
+3. A copy of the whole preprocessed corpus where a third of the clips are shifted by 1..6 frames
+   (either way) and two get another clip's audio, corrected with ``sync_correct.py --fix``: how
+   many were fixed (measured in sync afterwards) and whether the corrupted clips left the
+   filelists.
 """
 from __future__ import annotations
 
@@ -72,14 +73,18 @@ def main(argv=None):
         shutil.copytree(args.data_root, root)
         shutil.copytree(args.filelists_dir, fl)
         rng = np.random.default_rng(0)
-        names = [os.path.relpath(c, args.data_root) for c in clips]
-        shifted = {n: int(rng.choice([-1, 1]) * rng.integers(1, args.max_k + 1)) for n in names[: max(1, len(names) // 3)]}
+        from lipsync.dataprep import list_preprocessed
+
+        names = [n for n, _ in list_preprocessed(args.data_root)]
+        order = [names[i] for i in rng.permutation(len(names))]
+        shifted = {n: int(rng.choice([-1, 1]) * rng.integers(1, args.max_k + 1)) for n in order[: max(1, len(names) // 3)]}
+        corrupted = order[len(shifted):len(shifted) + 2]
         for n, k in shifted.items():
             path = os.path.join(root, n, "audio.wav")
             audio.save_wav(shift_audio(audio.load_wav(path, SR), -k), path, SR)
-        corrupted = names[-1] if len(names) > 1 and names[-1] not in shifted else None
-        if corrupted:
-            shutil.copy(os.path.join(args.data_root, names[0], "audio.wav"), os.path.join(root, corrupted, "audio.wav"))
+        for j, n in enumerate(corrupted):   # the audio of a clip that is neither shifted nor corrupted
+            donor = order[-1 - j]
+            shutil.copy(os.path.join(args.data_root, donor, "audio.wav"), os.path.join(root, n, "audio.wav"))
         report = os.path.join(work, "report.json")
         sync_correct.main(["--data_root", root, "--checkpoint_path", args.checkpoint_path, "--filelists_dir", fl,
                            "--report", report, "--fix", "--quiet", "--device", "cpu"])
@@ -90,8 +95,12 @@ def main(argv=None):
             "shifted_by": shifted,
             "measured": {n: rows[n].get("offset") for n in shifted},
             "fixed": sum(1 for n in shifted if abs(rows[n].get("offset_after", 99)) <= 1),
+            "offset_after": {n: rows[n].get("offset_after") for n in shifted},
             "corrupted": corrupted,
-            "corrupted_excluded": bool(corrupted) and rows[corrupted]["action"] == "exclude" and corrupted not in listed,
+            "corrupted_lse_c": [rows[n].get("lse_c") for n in corrupted],
+            "corrupted_excluded": sum(1 for n in corrupted if rows[n]["action"] == "exclude" and n not in listed),
+            "clean_clips_excluded": sum(1 for n in names if n not in shifted and n not in corrupted
+                                        and rows[n]["action"] == "exclude"),
             "counts": rep["counts"], "min_confidence": rep["min_confidence"],
         }
     finally:
