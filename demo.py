@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     hp = get_hparams("tiny", hp_over)
     test_dirs = [os.path.join(pre, c) for c in test]
     metrics = {
-        "expert_val_accuracy": expert_accuracy(expert_ckpt, test_dirs, hp),
+        "expert_val_accuracy": expert_accuracy(expert_ckpt, test_dirs, hp, n=1024),
         "mouth_open_corr": pearson(gen_open, true_open),
         "baseline_mouth_open_corr": pearson(in_open, true_open),
         "truth_measurement_corr": pearson(truth_measured, true_open),
