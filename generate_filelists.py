@@ -25,7 +25,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lipsync.dataprep import list_preprocessed, split_by_group
+    from lipsync.dataprep import list_preprocessed, split_by_group, write_text_atomic
 
     try:
         found = list_preprocessed(args.data_root)
@@ -42,10 +42,7 @@ def main(argv=None) -> int:
     splits = split_by_group(usable, args.val_fraction, args.test_fraction, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     for name, items in splits.items():
-        path = os.path.join(args.out_dir, f"{name}.txt")
-        with open(path + ".tmp", "w") as fh:
-            fh.writelines(f"{c}\n" for c in items)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(os.path.join(args.out_dir, f"{name}.txt"), "".join(f"{c}\n" for c in items))
     groups = {k: len({c.split('/')[0] for c in v}) for k, v in splits.items()}
     print(", ".join(f"{k}: {len(v)} clips / {groups[k]} groups" for k, v in splits.items())
           + f"; {dropped} dropped as too short -> {args.out_dir}/")

@@ -12,7 +12,6 @@ listed in <preprocessed_root>/failures.json and make the exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -68,7 +67,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from face_detection import DetectorError, get_detector
-    from lipsync.dataprep import clip_out_dir, is_done, list_raw_clips, parse_shard, pick_source, take_shard
+    from lipsync.dataprep import (clip_out_dir, is_done, list_raw_clips, parse_shard, pick_source, take_shard,
+                                  write_json_atomic)
     from lipsync.device import resolve_device
 
     try:
@@ -142,11 +142,8 @@ def main(argv=None) -> int:
                 p.join()
 
     report = os.path.join(args.preprocessed_root, "failures.json" if shard[1] == 1 else f"failures_shard{shard[0]}of{shard[1]}.json")
-    tmp = report + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"failures": failures, "processed": done_now, "skipped_done": skipped_done,
-                   "no_source": no_source}, fh, indent=1)
-    os.replace(tmp, report)
+    write_json_atomic({"failures": failures, "processed": done_now, "skipped_done": skipped_done,
+                       "no_source": no_source}, report, indent=1)
     elapsed = time.perf_counter() - t0
     print(f"{done_now} clips preprocessed ({frames} frames, {frames / max(elapsed, 1e-9):.1f} frames/s), "
           f"{skipped_done} already done, {no_source} without a source for --hq {args.hq}, {len(failures)} failed"

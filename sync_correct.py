@@ -21,7 +21,6 @@ action and reason, and the counts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -48,29 +47,10 @@ AUTO_CONFIDENCE_RATIO = 0.6
 ORIGINAL = "audio.orig.wav"
 
 
-def read_done(clip_dir: str) -> dict:
-    from lipsync.dataprep import DONE
-
-    try:
-        with open(os.path.join(clip_dir, DONE)) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {}
-
-
-def write_json_atomic(obj, path: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def apply_shift(clip_dir: str, total_shift: int) -> None:
     """audio.wav (+ mel.npy) = the original audio shifted by ``total_shift`` frames; done.json last."""
-    import numpy as np
-
     import audio
-    from lipsync.dataprep import DONE
+    from lipsync.dataprep import DONE, read_done, write_audio_and_mel, write_json_atomic
     from lipsync.evaluation import SR, shift_audio
 
     wav_path = os.path.join(clip_dir, "audio.wav")
@@ -78,14 +58,7 @@ def apply_shift(clip_dir: str, total_shift: int) -> None:
     if not os.path.isfile(orig):
         shutil.copy2(wav_path, orig + ".tmp")
         os.replace(orig + ".tmp", orig)
-    shifted = shift_audio(audio.load_wav(orig, SR), total_shift)
-    tmp_wav = os.path.join(clip_dir, "audio.tmp.wav")
-    audio.save_wav(shifted, tmp_wav, SR)
-    mel = audio.melspectrogram(audio.load_wav(tmp_wav, SR))  # of the 16-bit file, as preprocess caches it
-    tmp_mel = os.path.join(clip_dir, "mel.tmp.npy")
-    np.save(tmp_mel, mel)
-    os.replace(tmp_wav, wav_path)
-    os.replace(tmp_mel, os.path.join(clip_dir, "mel.npy"))
+    write_audio_and_mel(shift_audio(audio.load_wav(orig, SR), total_shift), wav_path, os.path.join(clip_dir, "mel.npy"))
     done = read_done(clip_dir)
     done["audio_shift_frames"] = int(total_shift)
     write_json_atomic(done, os.path.join(clip_dir, DONE))
@@ -93,6 +66,8 @@ def apply_shift(clip_dir: str, total_shift: int) -> None:
 
 def clean_filelists(filelists_dir: str, excluded: set) -> dict:
     """Drop excluded clips from each list (atomically); returns {split: removed count}."""
+    from lipsync.dataprep import write_text_atomic
+
     removed = {}
     for split in ("train", "val", "test"):
         path = os.path.join(filelists_dir, f"{split}.txt")
@@ -103,10 +78,7 @@ def clean_filelists(filelists_dir: str, excluded: set) -> dict:
         keep = [ln for ln in lines if not (ln.strip() and ln.split()[0] in excluded)]
         removed[split] = len(lines) - len(keep)
         if removed[split]:
-            tmp = path + f".tmp{os.getpid()}"
-            with open(tmp, "w") as fh:
-                fh.writelines(keep)
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(keep))
     return removed
 
 
@@ -141,7 +113,7 @@ def main(argv=None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from lipsync.dataprep import list_preprocessed
+    from lipsync.dataprep import list_preprocessed, read_done, write_json_atomic
 
     names = [name for name, _ in list_preprocessed(args.data_root)]
     if not names:

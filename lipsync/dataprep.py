@@ -29,6 +29,35 @@ HQ_SUFFIX = "_hq"
 
 
 # ------------------------------------------------------------------------------------------------
+# Writing files so that a crash never leaves half of one
+# ------------------------------------------------------------------------------------------------
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str, indent: int = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+def write_audio_and_mel(wav: np.ndarray, wav_path: str, mel_path: str) -> np.ndarray:
+    """Save 16 kHz audio and its cached mel, each atomically. The mel is that of the file as stored
+    (16-bit), i.e. what training would compute from it."""
+    import audio
+
+    tmp_wav = f"{wav_path}.tmp{os.getpid()}.wav"
+    audio.save_wav(wav, tmp_wav, 16000)
+    mel = audio.melspectrogram(audio.load_wav(tmp_wav, 16000))
+    tmp_mel = f"{mel_path}.tmp{os.getpid()}.npy"
+    np.save(tmp_mel, mel)
+    os.replace(tmp_wav, wav_path)
+    os.replace(tmp_mel, mel_path)
+    return mel
+
+
+# ------------------------------------------------------------------------------------------------
 # Listing the raw corpus
 # ------------------------------------------------------------------------------------------------
 @dataclass
@@ -193,6 +222,15 @@ def is_done(out_dir: str) -> bool:
     return os.path.isfile(os.path.join(out_dir, DONE))
 
 
+def read_done(clip_dir: str) -> dict:
+    """A preprocessed clip's done.json ({} when missing or unreadable)."""
+    try:
+        with open(os.path.join(clip_dir, DONE)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
 def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
     """Face crops, audio and mel of one clip, written to ``out_dir`` atomically (via a .partial dir)."""
     import audio
@@ -207,10 +245,8 @@ def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
         info = probe_video(src)
         if not info.has_audio:
             raise ValueError("the video has no audio track")
-        wav_path = os.path.join(partial, "audio.wav")
-        audio.save_wav(audio.load_wav(src, 16000), wav_path, 16000)
-        # the cached mel is that of audio.wav as stored (16-bit), i.e. what training would compute
-        mel = audio.melspectrogram(audio.load_wav(wav_path, 16000))
+        mel = write_audio_and_mel(audio.load_wav(src, 16000), os.path.join(partial, "audio.wav"),
+                                  os.path.join(partial, "mel.npy"))
         frames = faces = 0
         t0 = time.perf_counter()
         batch: list = []
@@ -236,12 +272,10 @@ def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
             flush()
         if faces == 0:
             raise ValueError(f"no face found in any of its {frames} frames")
-        np.save(os.path.join(partial, "mel.npy"), mel)
         record = {"source": os.path.abspath(src), "fps": TRAIN_FPS, "frames": frames, "faces": faces,
                   "source_fps": info.fps, "mel_columns": int(mel.shape[1]),
                   "seconds": round(time.perf_counter() - t0, 3)}
-        with open(os.path.join(partial, DONE), "w") as fh:
-            json.dump(record, fh)
+        write_json_atomic(record, os.path.join(partial, DONE), indent=None)
         os.replace(partial, out_dir)
         return record
     except BaseException:

@@ -174,10 +174,10 @@ class SyncNetV2Scorer:
         if n < 1:
             raise EvaluationError(f"too short to score: {len(crops)} frames, {len(wav) / SR:.2f} s of audio")
         dev = self.device
-        lips_all = torch.from_numpy(np.stack([c.astype(np.float32) for c in crops[:n + T - 1]]))  # (N, H, W, 3)
+        lips_all = torch.from_numpy(np.stack(crops[:n + T - 1]))  # (N, H, W, 3) uint8; float per batch
 
         def lips(idx):
-            x = torch.stack([lips_all[i:i + T] for i in idx])               # (b, T, H, W, 3)
+            x = torch.stack([lips_all[i:i + T] for i in idx]).float()       # (b, T, H, W, 3)
             return self.model.forward_lip(x.permute(0, 4, 1, 2, 3).to(dev)).cpu()
 
         def auds(idx):
@@ -193,10 +193,15 @@ def syncnet_track(boxes: np.ndarray) -> np.ndarray:
     syncnet_python smooths a face track)."""
     from scipy.signal import medfilt
 
-    boxes = np.asarray(boxes, np.float64)
+    rows = track_rows(boxes)
+    return np.stack([medfilt(rows[:, c], kernel_size=13) for c in range(3)], axis=1)
+
+
+def track_rows(boxes) -> np.ndarray:
+    """(n, 3) half-size, centre y, centre x of (x1, y1, x2, y2) boxes, unfiltered."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     half = np.maximum(boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]) / 2
-    cols = [half, (boxes[:, 1] + boxes[:, 3]) / 2, (boxes[:, 0] + boxes[:, 2]) / 2]
-    return np.stack([medfilt(c, kernel_size=13) for c in cols], axis=1)
+    return np.stack([half, (boxes[:, 1] + boxes[:, 3]) / 2, (boxes[:, 0] + boxes[:, 2]) / 2], axis=1)
 
 
 def syncnet_crop(frame: np.ndarray, track_row: Sequence[float], crop_scale: float = 0.4) -> np.ndarray:
@@ -222,6 +227,13 @@ def fill_missing_boxes(boxes: List[Optional[Sequence[int]]]) -> np.ndarray:
     known = np.array([boxes[i] for i in have], np.float64)
     idx = np.arange(len(boxes))
     return np.stack([np.interp(idx, have, known[:, c]) for c in range(4)], axis=1)
+
+
+def crop_box(frame: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """The (x1, y1, x2, y2) box of a frame, rounded and clipped to it."""
+    h, w = frame.shape[:2]
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return frame[max(0, y1):min(h, y2), max(0, x1):min(w, x2)]
 
 
 @dataclass
@@ -251,9 +263,9 @@ def read_video_for_scoring(path: str, detector="lbp", box: Optional[Sequence[int
     if not info.has_audio:
         raise EvaluationError(f"{path}: the video has no audio track")
     wav = audio.load_wav(path, SR)
-    if box is not None:
-        raw: List[Optional[Sequence[int]]] = [tuple(box)] * sum(1 for _ in iter_frames(info, FPS))
-    else:
+    boxes = track = None
+    missing = 0
+    if box is None:  # a detection pass first: the face track is smoothed over the whole video
         from face_detection import get_detector
 
         det = get_detector(detector, device=device, weights_path=s3fd_path) if isinstance(detector, str) else detector
@@ -267,23 +279,24 @@ def read_video_for_scoring(path: str, detector="lbp", box: Optional[Sequence[int
                     batch = []
             if batch:
                 raw += det.detect(batch)
-    if not raw:
-        raise EvaluationError(f"{path}: no frames could be read")
-    missing = sum(b is None for b in raw)
-    boxes = fill_missing_boxes(raw)
-    track = syncnet_track(boxes) if with_syncnet else None
-    faces, crops = [], []
+        if not raw:
+            raise EvaluationError(f"{path}: no frames could be read")
+        missing = sum(b is None for b in raw)
+        boxes = fill_missing_boxes(raw)
+        track = syncnet_track(boxes) if with_syncnet else None
+    fixed_row = track_rows(box)[0] if box is not None else None  # a fixed box is its own smoothed track
+    faces, crops, n = [], [], 0
     for k, frame in enumerate(iter_frames(info, FPS)):
-        if k >= len(boxes):
+        if boxes is not None and k >= len(boxes):
             break
         if expert is not None:
-            h, w = frame.shape[:2]
-            x1, y1, x2, y2 = (int(round(v)) for v in boxes[k])
-            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
-            faces.append(expert.face_input(frame[y1:y2, x1:x2]))
-        if track is not None:
-            crops.append(syncnet_crop(frame, track[k]))
-    return ScoredVideo(faces, crops, wav, len(boxes), missing)
+            faces.append(expert.face_input(crop_box(frame, box if boxes is None else boxes[k])))
+        if with_syncnet:
+            crops.append(syncnet_crop(frame, fixed_row if track is None else track[k]))
+        n += 1
+    if not n:
+        raise EvaluationError(f"{path}: no frames could be read")
+    return ScoredVideo(faces, crops, wav, n, missing)
 
 
 # ------------------------------------------------------------------------------------------------
