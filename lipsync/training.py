@@ -23,7 +23,7 @@ from typing import Dict
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
 
 from hparams import HParams, add_hparams_args, hparams_from_args
 from lipsync.device import DEVICE_CHOICES, resolve_device
@@ -54,6 +54,29 @@ def build_parser(description: str, needs_expert: bool, needs_disc: bool) -> argp
 # ------------------------------------------------------------------------------------------------
 # Distributed
 # ------------------------------------------------------------------------------------------------
+class ResumableSampler(Sampler):
+    """Another sampler's order, less the indices its first pass must skip: a run resumed in the middle
+    of an epoch goes on with the batch after the last one trained, without loading the ones before."""
+
+    def __init__(self, base):
+        self.base = base
+        self.skip = 0
+
+    def set_epoch(self, epoch: int):
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        it = iter(self.base)
+        for _ in range(skip):
+            next(it, None)
+        return it
+
+    def __len__(self):
+        return max(0, len(self.base) - self.skip)
+
+
 class Dist:
     def __init__(self, device_flag: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -161,6 +184,7 @@ class Trainer:
         self.device = env.device
         self.global_step = 0
         self.global_epoch = 0
+        self.epoch_step = 0  # batches of the current epoch already trained (resume goes on after them)
         self.best = math.inf
         self.extra_state: dict = {}
         use_amp = hp.amp != "none" and self.device.type == "cuda"
@@ -201,12 +225,14 @@ class Trainer:
         return [t.to(self.device, non_blocking=True) for t in batch]
 
     def state(self) -> dict:
-        return {"global_step": self.global_step, "global_epoch": self.global_epoch, "best_val": self.best,
+        return {"global_step": self.global_step, "global_epoch": self.global_epoch, "epoch_step": self.epoch_step,
+                "best_val": self.best,
                 "hparams": self.hp.to_dict(), "scaler": self.scaler.state_dict(), **self.extra_state}
 
     def restore_counters(self, ckpt: dict):
         self.global_step = int(ckpt.get("global_step", 0))
         self.global_epoch = int(ckpt.get("global_epoch", 0))
+        self.epoch_step = int(ckpt.get("epoch_step", 0))
         self.best = float(ckpt.get("best_val", math.inf))
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -238,7 +264,9 @@ class Trainer:
         self.train_set = self.dataset_cls(train_clips, self.hp, seed=self.hp.seed, split="train")
         self.val_set = self.dataset_cls(val_clips, self.hp, seed=self.hp.seed + 1, split="val")
         bs = getattr(self.hp, self.batch_size_key)
-        self.sampler = DistributedSampler(self.train_set, shuffle=False) if self.env.enabled else None
+        base = DistributedSampler(self.train_set, shuffle=False) if self.env.enabled else SequentialSampler(self.train_set)
+        self.sampler = ResumableSampler(base)
+        self.sampler.skip = self.epoch_step * bs  # per process: each rank has trained epoch_step batches
         workers = self.hp.num_workers
         self.train_loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler, shuffle=False,
                                        num_workers=workers, drop_last=len(self.train_set) >= bs,
@@ -295,13 +323,13 @@ class Trainer:
         try:
             while self.global_epoch < self.hp.nepochs:
                 self.train_set.set_epoch(self.global_epoch)
-                if self.sampler is not None:
-                    self.sampler.set_epoch(self.global_epoch)
+                self.sampler.set_epoch(self.global_epoch)
                 for batch in self.train_loader:
                     batch = self.to_device(batch)
                     self.apply_lr_schedule()
                     losses = self.train_step(batch)
                     self.global_step += 1
+                    self.epoch_step += 1
                     samples += len(batch[0]) * self.env.world
                     count += 1
                     for k, v in losses.items():
@@ -335,6 +363,7 @@ class Trainer:
                     if done:
                         return
                 self.global_epoch += 1
+                self.epoch_step = 0
         finally:
             bar.close()
             elapsed = time.perf_counter() - t0

@@ -91,6 +91,22 @@ def test_resume_continues_step_schedule_and_optimizer(data, expert, tmp_path):
                                                           str(tmp_path / "wav2lip_checkpoint_step000000004.pth")]) == 0
 
 
+def test_resume_mid_epoch_trains_what_an_uninterrupted_run_trains(data, tmp_path):
+    # 13 training pairs per epoch, batches of 4: 3 batches an epoch; stop after 2, go on to 5 (next epoch)
+    extra = "syncnet_eval_interval=100,syncnet_checkpoint_interval=100,syncnet_batch_size=4"
+    assert color_syncnet_train.main(common(data, tmp_path / "whole", 5, extra)) == 0
+    assert color_syncnet_train.main(common(data, tmp_path / "parts", 2, extra)) == 0
+    part = torch.load(tmp_path / "parts" / "checkpoint_step000000002.pth", weights_only=True)
+    assert (part["global_epoch"], part["epoch_step"]) == (0, 2)
+    resume = ["--checkpoint_path", str(tmp_path / "parts" / "checkpoint_step000000002.pth")]
+    assert color_syncnet_train.main(common(data, tmp_path / "parts", 5, extra) + resume) == 0
+    whole = torch.load(tmp_path / "whole" / "checkpoint_step000000005.pth", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "checkpoint_step000000005.pth", weights_only=True)
+    assert (parts["global_epoch"], parts["epoch_step"]) == (whole["global_epoch"], whole["epoch_step"]) == (1, 2)
+    for k, v in whole["state_dict"].items():
+        assert torch.allclose(v.float(), parts["state_dict"][k].float(), atol=1e-6), k
+
+
 def test_cosine_learning_rate_schedule_resumes(data, tmp_path):
     from hparams import HParamsError
     from lipsync.training import lr_factor
