@@ -35,10 +35,8 @@ FRAME_SIZE = 256
 # per photograph (in its own pixel coordinates): face box by eye, mouth centre and size, a cheek pixel
 PHOTOS = {
     "astronaut": dict(face=(172, 70, 272, 182), mouth=(224, 146), mouth_w=44, mouth_h=16, cheek=(193, 127)),
-    "grace_hopper": dict(face=(160, 135, 372, 340), mouth=(267, 277), mouth_w=72, mouth_h=29, cheek=(215, 255)),
+    "grace_hopper": dict(face=(160, 135, 372, 340), mouth=(267, 277), mouth_w=72, mouth_h=16, cheek=(215, 255)),
 }
-# mouth sizes are in proportion to each face (mouth_h / face height: 0.14 for both), so a mouth opens
-# by the same share of the face whoever speaks; lips and their inset scale with mouth_h
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -279,14 +277,11 @@ class Renderer:
         img = self.photo.copy()
         lip = np.array([70, 70, 165], np.float32) * np.array(self.ident.gains, np.float32)
         # lips: an outer ellipse; cavity: a dark inner ellipse whose height is the opening
-        u = info["mouth_h"] / 16.0  # photograph pixels per astronaut-mouth pixel
-        cv2.ellipse(img, (mx, my), (int(w / 2), int(h_open / 2 + 5 * u)), 0, 0, 360, lip.tolist(), -1, cv2.LINE_AA)
-        if h_open >= u:
-            cv2.ellipse(img, (mx, my), (int(w / 2 - 3 * u), max(1, int(h_open / 2))), 0, 0, 360, (25, 18, 30), -1,
-                        cv2.LINE_AA)
+        cv2.ellipse(img, (mx, my), (int(w / 2), int(2 + h_open / 2 + 3)), 0, 0, 360, lip.tolist(), -1, cv2.LINE_AA)
+        if h_open >= 1.0:
+            cv2.ellipse(img, (mx, my), (int(w / 2 - 3), max(1, int(h_open / 2))), 0, 0, 360, (25, 18, 30), -1, cv2.LINE_AA)
         else:
-            cv2.line(img, (int(mx - w / 2 + 3 * u), my), (int(mx + w / 2 - 3 * u), my), (40, 30, 60), max(1, int(u)),
-                     cv2.LINE_AA)
+            cv2.line(img, (int(mx - w / 2 + 3), my), (int(mx + w / 2 - 3), my), (40, 30, 60), 1, cv2.LINE_AA)
         s = self.ident.frame_size
         frame = cv2.warpAffine(img, self.transform(k), (s, s), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=self.ident.background)
