@@ -18,11 +18,12 @@ import numpy as np
 from scipy import signal
 
 from hparams import HParams, hparams as default_hparams
+from lipsync.errors import Wav2LipError
 
 MEL_STEP_SIZE = 16
 
 
-class AudioError(ValueError):
+class AudioError(Wav2LipError, ValueError):
     """An audio input that cannot be read or used."""
 
 

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, fields
+from lipsync.errors import Wav2LipError
 
 
 @dataclass
@@ -126,7 +127,7 @@ PRESETS: dict[str, dict] = {
 _ALLOWED_CHOICES = {"amp": ("none", "bf16", "fp16"), "img_size": (96, 288), "lr_schedule": ("constant", "cosine")}
 
 
-class HParamsError(ValueError):
+class HParamsError(Wav2LipError, ValueError):
     """A preset or override that does not name a known setting or does not parse."""
 
 

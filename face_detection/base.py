@@ -3,11 +3,12 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+from lipsync.errors import Wav2LipError
 
 Box = Tuple[int, int, int, int]
 
 
-class DetectorError(RuntimeError):
+class DetectorError(Wav2LipError, RuntimeError):
     """A detector that cannot be built or run (missing weights, unknown backend, bad frames)."""
 
 

@@ -21,11 +21,12 @@ from torch.utils.data import Dataset
 
 import audio
 from hparams import HParams
+from lipsync.errors import Wav2LipError
 
 log = logging.getLogger(__name__)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(Wav2LipError, RuntimeError):
     """No usable training data (the message says why)."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import audio
+from lipsync.errors import Wav2LipError
 
 FPS = 25.0
 SR = 16000
@@ -38,7 +39,7 @@ VSHIFT = 15
 T = 5
 
 
-class EvaluationError(ValueError):
+class EvaluationError(Wav2LipError, ValueError):
     """Input the evaluation cannot score; the message says why."""
 
 

@@ -25,6 +25,8 @@ import audio
 from face_detection import DEFAULT_S3FD_PATH, get_detector
 from lipsync.device import resolve_device
 from lipsync.video import VideoWriter, is_image_path, iter_frames, probe_video, read_image
+from lipsync.blending import feather_mask, paste
+from lipsync.errors import Wav2LipError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ SMOOTH_T = 5
 BACKWARD_SEGMENT = 32  # frames decoded at a time when playing the video backwards (pingpong)
 
 
-class InferenceError(ValueError):
+class InferenceError(Wav2LipError, ValueError):
     """Input that inference cannot use; the message says what to change."""
 
 
@@ -317,33 +319,6 @@ def detect_faces(cfg: InferenceConfig, src: FaceSource, device, timings: dict) -
         np.save(tmp, arr)
         os.replace(tmp, cache_path)
     return dets, False
-
-
-# ------------------------------------------------------------------------------------------------
-# Pasting the generated face back
-# ------------------------------------------------------------------------------------------------
-def feather_mask(size: int) -> np.ndarray:
-    """(size, size) weights: 1 over the mouth and jaw, fading to 0 towards the box edges and the
-    upper face, so no seam shows where the generated face meets the frame."""
-    mask = np.zeros((size, size), np.float32)
-    top = int(size * 0.42)
-    margin = int(size * 0.08)
-    mask[top:size - margin // 2, margin:size - margin] = 1.0
-    k = max(3, (size // 8) | 1)
-    mask = cv2.GaussianBlur(mask, (k, k), size / 16)
-    return mask
-
-
-def paste(frame: np.ndarray, face: np.ndarray, coords: Coords, blend: str, mask: Optional[np.ndarray]):
-    y1, y2, x1, x2 = coords
-    face = cv2.resize(face, (x2 - x1, y2 - y1))
-    if blend == "none":
-        frame[y1:y2, x1:x2] = face
-        return frame
-    m = cv2.resize(mask, (x2 - x1, y2 - y1))[..., None]
-    region = frame[y1:y2, x1:x2].astype(np.float32)
-    frame[y1:y2, x1:x2] = np.clip(region + m * (face.astype(np.float32) - region) + 0.5, 0, 255).astype(np.uint8)
-    return frame
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ from typing import Iterator, Optional
 import numpy as np
 
 from audio import ffmpeg_exe
+from lipsync.errors import Wav2LipError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class VideoError(ValueError):
+class VideoError(Wav2LipError, ValueError):
     """A video that cannot be read or written."""
 
 

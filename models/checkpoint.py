@@ -14,6 +14,7 @@ import torch
 
 from .syncnet import SyncNet_color
 from .wav2lip import Wav2Lip, Wav2Lip_disc_qual
+from lipsync.errors import Wav2LipError
 
 KINDS = {
     "generator": ("Wav2Lip generator (e.g. wav2lip.pth, wav2lip_gan.pth)", Wav2Lip),
@@ -23,7 +24,7 @@ KINDS = {
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Wav2LipError, ValueError):
     """A checkpoint that cannot be used for what was asked."""
 
 

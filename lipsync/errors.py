@@ -1,0 +1,57 @@
+"""The project's one family of errors, and how entry points report them.
+
+Every error a user can cause (a missing or unreadable file, a video that is not a video, a checkpoint
+of the wrong kind, a flag value that cannot work) is a :class:`Wav2LipError`. Entry points wrap their
+work in :func:`cli_errors`: such an error, or an ``OSError`` about a file, becomes one ``error: ...``
+line on stderr and exit status 2. Any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+class Wav2LipError(Exception):
+    """Base class of every error caused by input (files, flags, checkpoints, media)."""
+
+
+class ExitStatus(Exception):
+    """Raised by :func:`cli_errors` after printing, carrying the exit status (2)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line shown for a user error: ``error: <message>``."""
+    if isinstance(exc, OSError) and not isinstance(exc, Wav2LipError):
+        name = exc.filename if exc.filename is not None else ""
+        reason = exc.strerror or str(exc)
+        return f"error: {reason}: {name}" if name else f"error: {reason}"
+    msg = str(exc).strip().splitlines()
+    return "error: " + (" ".join(m.strip() for m in msg) if msg else type(exc).__name__)
+
+
+def run_main(fn, *args, **kwargs) -> int:
+    """Call ``fn(*args, **kwargs)`` and return its exit status; a :class:`Wav2LipError` or an
+    ``OSError`` becomes one ``error:`` line on stderr and status 2; Ctrl-C is status 130."""
+    try:
+        return fn(*args, **kwargs)
+    except (Wav2LipError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """``with cli_errors(): ...`` turns a user error into one ``error:`` line and
+    :class:`ExitStatus` (2); callers return ``exc.code``."""
+    try:
+        yield
+    except (Wav2LipError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        raise ExitStatus(2) from None
