@@ -1,39 +1,174 @@
 """Pasting the generated face back into the frame.
 
 ``blend="none"`` is the published hard paste: the generated face, resized to the box, replaces the
-box. ``blend="feather"`` mixes it in with a soft mask over the mouth and jaw (weights 0..1 at the
-model's size, resized to the box), so the edge of the box never shows.
+box, bit for bit.
+
+``blend="feather"`` (the default of ``inference.py``) hides the box in two ways:
+
+* **shape**: the face is mixed in through a soft ellipse over the mouth and jaw
+  (:func:`feather_mask`) that is exactly 0 on every edge of the box and over the upper face, so
+  the frame is unchanged along the box's border and above the nose, whatever the generator
+  outputs;
+* **colour**: before mixing, the generated face is shifted towards the frame's colours. Per
+  channel, a plane ``a + b*x + c*y`` (grey levels) is fitted by weighted least squares to
+  ``frame - generated`` over the mask's feather ring (where the two meet, away from the mouth) and
+  added to the generated face. A face that comes out darker, brighter, tinted or shaded across
+  the cheeks therefore fades into the frame without a patch, while the mouth keeps the
+  generator's contrast (the ring does not see the mouth, and a plane cannot cancel a local
+  feature). This is a cheap stand-in for a Poisson blend, which matches the boundary exactly but
+  costs a linear solve per frame.
+
+Everything per frame is computed from the frame's own crop and the generated face; what depends
+only on the face size (mask, least-squares projector) is built once per :class:`Blender`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
+from lipsync.errors import Wav2LipError
+
 Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order
+BLEND_MODES = ("feather", "none")
+
+# The feather ellipse, as fractions of the (square) face crop: centred on the mouth, reaching the
+# crop's sides and bottom with a margin of zeros (so every box edge keeps the frame's pixels) and
+# stopping below the eyes (the generator only redraws the lower half).
+FEATHER_CENTER = (0.5, 0.71)   # (x, y)
+FEATHER_RADII = (0.44, 0.26)   # (x, y): spans x 0.06..0.94, y 0.45..0.97
+FEATHER_INNER = 0.55           # full weight inside this fraction of the radii
+GAIN_RIDGE = 0.001  # pull of the colour fit's gain towards 1 (relative to the ring's total weight)
+COLOUR_FIT_SIZE = 24           # the colour plane is fitted on crops reduced to this many pixels a side
+
+
+class BlendError(Wav2LipError, ValueError):
+    """An unknown blend mode or a mask that does not fit."""
 
 
 # ------------------------------------------------------------------------------------------------
 def feather_mask(size: int) -> np.ndarray:
-    """(size, size) weights: 1 over the mouth and jaw, fading to 0 towards the box edges and the
-    upper face, so no seam shows where the generated face meets the frame."""
-    mask = np.zeros((size, size), np.float32)
-    top = int(size * 0.42)
-    margin = int(size * 0.08)
-    mask[top:size - margin // 2, margin:size - margin] = 1.0
-    k = max(3, (size // 8) | 1)
-    mask = cv2.GaussianBlur(mask, (k, k), size / 16)
-    return mask
+    """The feather weights for a ``size`` x ``size`` face crop: (size, size) float32 in [0, 1],
+    rows top to bottom. 1 over the mouth and jaw, falling smoothly (smoothstep of the elliptic
+    radius) to exactly 0 before every edge of the crop and over the upper face."""
+    if size < 8:
+        raise BlendError(f"face size must be at least 8 pixels, got {size}")
+    centres = (np.arange(size, dtype=np.float32) + 0.5) / size           # pixel centres in (0, 1)
+    u = (centres[None, :] - FEATHER_CENTER[0]) / FEATHER_RADII[0]         # (1, size)
+    v = (centres[:, None] - FEATHER_CENTER[1]) / FEATHER_RADII[1]         # (size, 1)
+    t = np.clip((1.0 - np.sqrt(u * u + v * v)) / (1.0 - FEATHER_INNER), 0.0, 1.0)  # (size, size)
+    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
 
 
-def paste(frame: np.ndarray, face: np.ndarray, coords: Coords, blend: str, mask: Optional[np.ndarray]):
-    y1, y2, x1, x2 = coords
-    face = cv2.resize(face, (x2 - x1, y2 - y1))
-    if blend == "none":
-        frame[y1:y2, x1:x2] = face
+def _plane_design(n: int) -> np.ndarray:
+    """(n*n, 3) rows [1, x, y] with x, y the pixel centres of an n x n grid in (-0.5, 0.5)."""
+    c = (np.arange(n, dtype=np.float64) + 0.5) / n - 0.5
+    ys, xs = np.meshgrid(c, c, indexing="ij")                             # (n, n) each
+    return np.stack([np.ones(n * n), xs.ravel(), ys.ravel()], axis=1)
+
+
+class Blender:
+    """Pastes generated faces of one size into frames.
+
+    ``blend``: ``"feather"`` or ``"none"`` (see the module's docstring). ``size``: the generated
+    face's side in pixels (96 or 288 for the published models). ``mask``: optional (size, size)
+    weights in [0, 1] to use instead of :func:`feather_mask` (feather only).
+
+    Raises :class:`BlendError` for an unknown mode or a mask of the wrong shape.
+    """
+
+    def __init__(self, blend: str, size: int, mask: Optional[np.ndarray] = None):
+        if blend not in BLEND_MODES:
+            raise BlendError(f"blend must be one of {', '.join(BLEND_MODES)}, got {blend!r}")
+        self.blend = blend
+        self.size = int(size)
+        if blend == "none":
+            return
+        self.mask = feather_mask(self.size) if mask is None else np.asarray(mask, np.float32)
+        if self.mask.shape != (self.size, self.size):
+            raise BlendError(f"mask shape {self.mask.shape} does not match face size {self.size}")
+        rows = np.nonzero(self.mask.max(axis=1) > 0)[0]
+        # rows of the crop the mask touches, as fractions, so a paste only computes those rows
+        self._rows = (rows[0] / self.size, (rows[-1] + 1) / self.size) if len(rows) else (0.0, 0.0)
+        # weighted least squares over the feather ring, per frame: the fit's weights and design are
+        # fixed here; only the gain column (the generated face's own grey levels) changes per frame
+        n = COLOUR_FIT_SIZE
+        m = cv2.resize(self.mask, (n, n), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+        self._ring = (m * (1.0 - m)).astype(np.float32)                    # (n*n,) peaks where m = 1/2
+        self._design = _plane_design(n).astype(np.float32)                 # (n*n, 3)
+        # a mask with no ring (all 0 / 1) gives nothing to fit: paste without colour correction
+        self._fit = self._ring.sum() > 0 and np.linalg.matrix_rank(self._design * self._ring[:, None]) == 3
+
+    def colour_fit(self, region: np.ndarray, face: np.ndarray) -> np.ndarray:
+        """The colour correction of one paste, per channel: ``corrected = face + (g - 1) * face + a
+        + b * x + c * y`` fitted to ``region`` over the feather ring (weighted least squares; x, y
+        run -0.5..0.5 across the box; grey levels). Returns (4, C) float32 rows ``g - 1, a, b, c``.
+        The gain is pulled towards 1 (ridge) and kept within [0.5, 2], so a flat or strange face
+        gets an offset, never a negative or runaway contrast.
+
+        ``region``: the frame's crop under the box (h, w, C) uint8; ``face``: the generated face
+        (size, size, C) uint8."""
+        n = COLOUR_FIT_SIZE
+        o = cv2.resize(region, (n, n), interpolation=cv2.INTER_AREA).reshape(n * n, -1).astype(np.float32)
+        g = cv2.resize(face, (n, n), interpolation=cv2.INTER_AREA).reshape(n * n, -1).astype(np.float32)
+        channels = g.shape[1]
+        coef = np.zeros((4, channels), np.float32)
+        w = self._ring
+        for c in range(channels):
+            a = np.concatenate([g[:, c:c + 1] / 255.0, self._design], axis=1)   # (n*n, 4)
+            aw = a.T * w                                                        # (4, n*n)
+            gram = aw @ a
+            gram[0, 0] += GAIN_RIDGE * w.sum()
+            coef[:, c] = np.linalg.solve(gram, aw @ (o[:, c] - g[:, c]))
+        coef[0] = np.clip(coef[0] / 255.0, -0.5, 1.0)   # the fit's column was face / 255
+        return coef
+
+    def paste(self, frame: np.ndarray, face: np.ndarray, coords: Coords) -> np.ndarray:
+        """Paste ``face`` into ``frame`` in place and return ``frame``.
+
+        ``frame``: (H, W, C) uint8, the source frame (its crop under the box is what the face
+        fades into). ``face``: (size, size, C) uint8, the generated face, same channel order.
+        ``coords``: (y1, y2, x1, x2) pixels, the box inside the frame.
+        """
+        y1, y2, x1, x2 = coords
+        h, w = y2 - y1, x2 - x1
+        resized = cv2.resize(face, (w, h))                                  # (h, w, C), published resize
+        if self.blend == "none":
+            frame[y1:y2, x1:x2] = resized
+            return frame
+        r1, r2 = int(self._rows[0] * h), min(h, int(np.ceil(self._rows[1] * h)))
+        if r2 <= r1:
+            return frame
+        region = frame[y1:y2, x1:x2]                                        # view: written below
+        m = cv2.resize(self.mask, (w, h))[r1:r2]                            # (rows, w)
+        gen = resized[r1:r2].astype(np.float32)                             # (rows, w, C)
+        if self._fit:
+            coef = self.colour_fit(region, face)                            # (4, C)
+            xs = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
+            ys = (np.arange(r1, r2, dtype=np.float32) + 0.5) / h - 0.5
+            gen *= 1.0 + coef[0]
+            gen += (coef[1] + 0.5) + xs[None, :, None] * coef[2]            # + 0.5: round, not truncate
+            gen += ys[:, None, None] * coef[3]
+        np.clip(gen, 0, 255, out=gen)
+        # m * face + (1 - m) * frame, in one pass of OpenCV's (faster than numpy's several)
+        region[r1:r2] = cv2.blendLinear(gen.astype(np.uint8), region[r1:r2], m, 1.0 - m)
         return frame
-    m = cv2.resize(mask, (x2 - x1, y2 - y1))[..., None]
-    region = frame[y1:y2, x1:x2].astype(np.float32)
-    frame[y1:y2, x1:x2] = np.clip(region + m * (face.astype(np.float32) - region) + 0.5, 0, 255).astype(np.uint8)
-    return frame
+
+
+@functools.lru_cache(maxsize=8)
+def _default_blender(blend: str, size: int) -> Blender:
+    return Blender(blend, size)
+
+
+def paste(frame: np.ndarray, face: np.ndarray, coords: Coords, blend: str,
+          mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """Paste ``face`` ((size, size, C) uint8) into ``frame`` ((H, W, C) uint8) at ``coords``
+    ((y1, y2, x1, x2) pixels) in place with ``blend`` (``"feather"`` or ``"none"``) and return the
+    frame. ``mask`` replaces :func:`feather_mask` for this call; without it the default Blender for
+    the face's size is reused. Raises :class:`BlendError` for an unknown mode."""
+    blender = _default_blender(blend, face.shape[0])
+    if mask is not None and blend != "none" and not np.array_equal(mask, blender.mask):
+        blender = Blender(blend, face.shape[0], mask)   # a custom mask: its projector is built per call
+    return blender.paste(frame, face, coords)
