@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     if args.codeformer_dir and not os.path.isfile(os.path.join(args.codeformer_dir, "inference_codeformer.py")):
         parser.error(f"--codeformer_dir {args.codeformer_dir!r} has no inference_codeformer.py")
 
-    from tqdm import tqdm
+    from lipsync.progress import progress_bar
 
     from lipsync.dataprep import enhance_job, hq_path, list_raw_clips, run_parallel
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     failures = []
     done = 0
     jobs = [(c, args.enhancer, args.codeformer_dir) for c in todo]
-    with tqdm(total=len(jobs), desc="enhance", unit="clip", disable=args.quiet) as bar:
+    with progress_bar(total=len(jobs), desc="enhance", unit="clip", disable=args.quiet) as bar:
         for src, err, _ in run_parallel(enhance_job, jobs, args.workers):
             if err:
                 failures.append((src, err))

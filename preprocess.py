@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import multiprocessing as mp
     import queue
 
-    from tqdm import tqdm
+    from lipsync.progress import progress_bar
 
     from face_detection import DetectorError, get_detector
     from lipsync.dataprep import (clip_out_dir, is_done, list_raw_clips, parse_shard, pick_source, take_shard,
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     failures, done_now, frames = [], 0, 0
     t0 = time.perf_counter()
-    with tqdm(total=len(jobs), desc="preprocess", unit="clip", disable=args.quiet) as bar:
+    with progress_bar(total=len(jobs), desc="preprocess", unit="clip", disable=args.quiet) as bar:
         def record(key, rec, err):
             nonlocal done_now, frames
             if err:

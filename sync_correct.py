@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return 2
 
     import numpy as np
-    from tqdm import tqdm
+    from lipsync.progress import progress_bar
 
     import audio
     from lipsync.device import resolve_device
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     rows = []
-    for name in tqdm(names, desc="measure offsets", unit="clip", disable=args.quiet):
+    for name in progress_bar(names, desc="measure offsets", unit="clip", disable=args.quiet):
         d = os.path.join(args.data_root, name)
         prior = int(read_done(d).get("audio_shift_frames", 0))
         row = {"clip": name, "prior_shift": prior}
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
     removed = {}
     if args.fix:
-        for r in tqdm([r for r in rows if r["action"] == "shift"], desc="shift audio", unit="clip", disable=args.quiet):
+        for r in progress_bar([r for r in rows if r["action"] == "shift"], desc="shift audio", unit="clip", disable=args.quiet):
             d = os.path.join(args.data_root, r["clip"])
             total = r["prior_shift"] + r["offset"]
             apply_shift(d, total)

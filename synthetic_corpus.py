@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             parser.error("--speech espeak: espeak-ng is not installed (apt-get install espeak-ng)")
 
     import numpy as np
-    from tqdm import tqdm
+    from lipsync.progress import progress_bar
 
     from lipsync.synthetic import corpus_plan, make_speech, write_clip
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     plan = corpus_plan(args.clips, args.seed, args.clips_per_group, args.seconds)
     written = skipped = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for item in tqdm(plan, desc="synthetic clips", unit="clip", disable=args.quiet):
+        for item in progress_bar(plan, desc="synthetic clips", unit="clip", disable=args.quiet):
             path = os.path.join(args.out, item["group"], item["clip"] + ".mp4")
             truth = os.path.splitext(path)[0] + ".json"
             if os.path.exists(path) and os.path.exists(truth):

@@ -253,7 +253,7 @@ def read_video_for_scoring(path: str, detector="lbp", box: Optional[Sequence[int
     """Decode at 25 fps, find the face in every frame (or use ``box`` = x1 y1 x2 y2), and keep only
     what the scorers need (the crops), so long videos fit in memory. ``detector``: a FaceDetector or
     a backend name."""
-    from tqdm import tqdm
+    from lipsync.progress import progress_bar
 
     from lipsync.video import VideoError, iter_frames, probe_video
 
@@ -271,7 +271,7 @@ def read_video_for_scoring(path: str, detector="lbp", box: Optional[Sequence[int
 
         det = get_detector(detector, device=device, weights_path=s3fd_path) if isinstance(detector, str) else detector
         raw, batch = [], []
-        with tqdm(desc=f"detect {os.path.basename(path)}", unit="frame", disable=not progress, leave=False) as bar:
+        with progress_bar(desc=f"detect {os.path.basename(path)}", unit="frame", disable=not progress, leave=False) as bar:
             for frame in iter_frames(info, FPS):
                 batch.append(frame)
                 if len(batch) == batch_size:

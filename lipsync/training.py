@@ -299,7 +299,7 @@ class Trainer:
         return []
 
     def run(self):
-        from tqdm import tqdm
+        from lipsync.progress import progress_bar
 
         self.setup()
         self.loaders()
@@ -316,8 +316,8 @@ class Trainer:
             log.info("already at step %d >= --max_steps %d", self.global_step, max_steps)
             return
         running, count = defaultdict(float), 0
-        bar = tqdm(total=max_steps, initial=self.global_step, desc=self.__class__.__name__, unit="step",
-                   disable=self.args.quiet or not self.env.main, dynamic_ncols=True)
+        bar = progress_bar(total=max_steps, initial=self.global_step, desc=self.__class__.__name__, unit="step",
+                           disable=self.args.quiet or not self.env.main, dynamic_ncols=True)
         t0 = time.perf_counter()
         samples = 0
         try:
