@@ -17,10 +17,9 @@ import subprocess
 import numpy as np
 from scipy import signal
 
-from hparams import HParams, hparams as default_hparams
+from hparams import (FMAX, FMIN, HOP_SIZE, MAX_ABS_VALUE, MEL_STEP_SIZE, MIN_LEVEL_DB, N_FFT, NUM_MELS,  # noqa: F401
+                     PREEMPHASIS, REF_LEVEL_DB, SAMPLE_RATE, WIN_SIZE, HParams, hparams as default_hparams)
 from lipsync.errors import Wav2LipError
-
-MEL_STEP_SIZE = 16
 
 
 class AudioError(Wav2LipError, ValueError):

@@ -17,33 +17,48 @@ import typing
 from dataclasses import dataclass, fields
 from lipsync.errors import Wav2LipError
 
+# ---- the audio front end every published checkpoint was trained on, defined once ----
+# audio.py re-exports these (``audio.SAMPLE_RATE``); the HParams defaults below are these values.
+SAMPLE_RATE = 16000     # Hz: every waveform is resampled to this before the mel
+HOP_SIZE = 200          # samples between mel columns: 16000 / 200 = 80 columns per second
+WIN_SIZE = 800          # samples per STFT window (50 ms)
+N_FFT = 800
+NUM_MELS = 80           # mel bands: the height of every audio window the models take
+MEL_STEP_SIZE = 16      # mel columns per audio window (0.2 s): the width the models take
+FMIN = 55.0             # Hz, lowest mel band edge
+FMAX = 7600.0           # Hz, highest mel band edge
+PREEMPHASIS = 0.97      # pre-emphasis filter coefficient (applied when preemphasize)
+MIN_LEVEL_DB = -100.0   # dB floor before normalisation
+REF_LEVEL_DB = 20.0     # dB subtracted before normalisation
+MAX_ABS_VALUE = 4.0     # normalised mels lie in [-4, 4] (symmetric_mels)
+
 
 @dataclass
 class HParams:
-    # ---- audio (must match the published checkpoints: do not change for them) ----
-    num_mels: int = 80
+    # ---- audio (must match the published checkpoints: see AUDIO_KEYS) ----
+    num_mels: int = NUM_MELS
     rescale: bool = True
     rescaling_max: float = 0.9
-    n_fft: int = 800
-    hop_size: int = 200
-    win_size: int = 800
-    sample_rate: int = 16000
+    n_fft: int = N_FFT
+    hop_size: int = HOP_SIZE
+    win_size: int = WIN_SIZE
+    sample_rate: int = SAMPLE_RATE
     signal_normalization: bool = True
     allow_clipping_in_normalization: bool = True
     symmetric_mels: bool = True
-    max_abs_value: float = 4.0
+    max_abs_value: float = MAX_ABS_VALUE
     preemphasize: bool = True
-    preemphasis: float = 0.97
-    min_level_db: float = -100.0
-    ref_level_db: float = 20.0
-    fmin: float = 55.0
-    fmax: float = 7600.0
+    preemphasis: float = PREEMPHASIS
+    min_level_db: float = MIN_LEVEL_DB
+    ref_level_db: float = REF_LEVEL_DB
+    fmin: float = FMIN
+    fmax: float = FMAX
 
     # ---- video / windows ----
     img_size: int = 96
     fps: float = 25.0
     syncnet_T: int = 5
-    syncnet_mel_step_size: int = 16
+    syncnet_mel_step_size: int = MEL_STEP_SIZE
 
     # ---- models ----
     model_width: float = 1.0  # channel multiplier; 1.0 is the published layout
