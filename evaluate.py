@@ -27,7 +27,9 @@ import time
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", nargs="+", help="videos to score")
     src.add_argument("--video_list", help="text file with one video path per line (relative to the file)")
@@ -36,13 +38,14 @@ def build_parser():
     p.add_argument("--checkpoint_path", help="this project's lip-sync expert (lipsync_expert.pth or a training checkpoint)")
     p.add_argument("--syncnet_model", help="syncnet_python's syncnet_v2.model, a local file")
     p.add_argument("--vshift", type=int, default=15, help="offsets searched, in frames each way (default: %(default)s)")
-    p.add_argument("--face_detector", default="sfd", choices=["sfd", "lbp"])
+    p.add_argument("--face_detector", default="sfd", choices=["sfd", "lbp"],
+                   help="face detector for every frame (sfd needs s3fd.pth; lbp needs no download)")
     p.add_argument("--s3fd_path", default=None, help="S3FD weights (default face_detection/detection/sfd/s3fd.pth)")
     p.add_argument("--box", type=int, nargs=4, default=None, metavar=("X1", "Y1", "X2", "Y2"),
                    help="a fixed face box for every frame instead of detection")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help=DEVICE_HELP)
     p.add_argument("--out", default=None, help="write the scores as JSON here")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
 

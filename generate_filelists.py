@@ -13,12 +13,14 @@ import sys
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="preprocessed root")
-    p.add_argument("--out_dir", default="filelists", help="(default: %(default)s)")
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--test_fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default="filelists", help="where train.txt, val.txt and test.txt are written")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of the groups in val.txt")
+    p.add_argument("--test_fraction", type=float, default=0.1, help="share of the groups in test.txt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random assignment of groups to splits")
     p.add_argument("--syncnet_T", type=int, default=5, help="frames per training window")
     return p
 

@@ -14,7 +14,9 @@ import sys
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import HelpFormatter, QUIET_HELP
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="corpus root: <data_root>/<group>/<clip>.mp4")
     p.add_argument("--enhancer", choices=("builtin", "codeformer"), default="builtin",
                    help="builtin: OpenCV denoise/sharpen (runs anywhere); codeformer: your CodeFormer checkout")
@@ -22,7 +24,7 @@ def build_parser():
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="clips processed in parallel (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="redo clips whose _hq.mp4 exists")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
 

@@ -22,18 +22,21 @@ def build_parser():
     from face_detection import BACKENDS
     from lipsync.device import DEVICE_CHOICES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="raw corpus: <data_root>/<group>/<clip>.mp4")
     p.add_argument("--preprocessed_root", required=True, help="where the crops go")
     p.add_argument("--batch_size", type=int, default=32, help="frames per face-detection batch")
     p.add_argument("--ngpu", type=int, default=1, help="worker processes, one detector each (one per GPU)")
-    p.add_argument("--face_detector", choices=BACKENDS, default="sfd")
+    p.add_argument("--face_detector", choices=BACKENDS, default="sfd",
+                   help="sfd: S3FD (needs s3fd.pth), as published; lbp: OpenCV's LBP cascade, no download")
     p.add_argument("--s3fd_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--hq", choices=("prefer", "only", "ignore"), default="prefer",
                    help="use <clip>_hq.mp4 where present (prefer), only those (only), or never (ignore)")
     p.add_argument("--shard", default=None, help="i/n: process every n-th clip starting at i")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
 

@@ -28,7 +28,9 @@ import time
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="preprocessed root (preprocess.py's output)")
     p.add_argument("--checkpoint_path", required=True, help="a trained lip-sync expert")
     p.add_argument("--filelists_dir", default="filelists", help="train/val/test lists to clean with --fix")
@@ -38,8 +40,8 @@ def build_parser():
     p.add_argument("--min_confidence", default="auto",
                    help="LSE-C under which a clip is excluded; 'auto' = 0.6 x the corpus median (default)")
     p.add_argument("--vshift", type=int, default=15, help="offsets searched, in frames each way (default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help=DEVICE_HELP)
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
 

@@ -17,18 +17,20 @@ import tempfile
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import HelpFormatter, QUIET_HELP
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", help="corpus root to write")
-    p.add_argument("--clips", type=int, default=24, help="number of clips (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seconds", type=float, default=3.0, help="length of each clip (default: %(default)s)")
-    p.add_argument("--clips_per_group", type=int, default=4, help="clips per group / identity")
+    p.add_argument("--clips", type=int, default=24, help="number of clips")
+    p.add_argument("--seed", type=int, default=0, help="seed of identities, speech and motion (same seed, same corpus)")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each clip, seconds")
+    p.add_argument("--clips_per_group", type=int, default=4, help="clips per group; each group is one identity")
     p.add_argument("--speech", choices=("auto", "espeak", "synth"), default="auto",
                    help="espeak-ng speech when installed (auto), or the built-in synthesiser")
     p.add_argument("--render_truth", metavar="CLIP_JSON", help="render the true video of this clip's identity")
     p.add_argument("--audio", help="with --render_truth: the speech to render")
     p.add_argument("--outfile", help="with --render_truth: the video to write")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
 

@@ -20,12 +20,14 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--detectors", nargs="+", default=["lbp"])
-    p.add_argument("--s3fd_path", default=None)
-    p.add_argument("--batch_size", type=int, default=32)
+    from lipsync.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--clips", type=int, default=8, help="synthetic clips to generate")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each clip, seconds")
+    p.add_argument("--detectors", nargs="+", default=["lbp"], help="face detectors to time (lbp, sfd)")
+    p.add_argument("--s3fd_path", default=None, help="S3FD weights for sfd (default: face_detection/detection/sfd/s3fd.pth)")
+    p.add_argument("--batch_size", type=int, default=32, help="frames per face-detection batch")
     args = p.parse_args(argv)
 
     import numpy as np

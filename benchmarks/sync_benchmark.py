@@ -28,12 +28,14 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", required=True)
-    p.add_argument("--filelists_dir", required=True)
-    p.add_argument("--checkpoint_path", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--max_k", type=int, default=6)
+    from lipsync.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data_root", required=True, help="preprocessed root (preprocess.py's output)")
+    p.add_argument("--filelists_dir", required=True, help="folder with the train / val / test lists")
+    p.add_argument("--checkpoint_path", required=True, help="the trained lip-sync expert")
+    p.add_argument("--split", default="test", help="whose clips are shifted: train, val or test")
+    p.add_argument("--max_k", type=int, default=6, help="audio shifts k = -max_k..max_k frames are measured")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 

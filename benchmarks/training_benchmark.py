@@ -19,11 +19,13 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--presets", nargs="+", default=["tiny"])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    from lipsync.cli import DEVICE_HELP, HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--presets", nargs="+", default=["tiny"], help="hparams presets to time (96, 288, tiny)")
+    p.add_argument("--steps", type=int, default=20, help="training steps per trainer")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (CUDA only)")
     p.add_argument("--batch_size", type=int, default=None, help="override the preset's generator batch size")
     args = p.parse_args(argv)
 

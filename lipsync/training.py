@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
 
 from hparams import HParams, add_hparams_args, hparams_from_args
+from lipsync.cli import DEVICE_HELP, HelpFormatter
 from lipsync.device import DEVICE_CHOICES, resolve_device
 
 log = logging.getLogger("train")
@@ -35,7 +36,7 @@ log = logging.getLogger("train")
 # Arguments
 # ------------------------------------------------------------------------------------------------
 def build_parser(description: str, needs_expert: bool, needs_disc: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="preprocessed root (preprocess.py's output)")
     p.add_argument("--checkpoint_dir", required=True, help="where checkpoints and logs are written")
     p.add_argument("--checkpoint_path", default=None, help="resume from (or start from) this checkpoint")
@@ -46,7 +47,7 @@ def build_parser(description: str, needs_expert: bool, needs_disc: bool) -> argp
     p.add_argument("--filelists_dir", default="filelists", help="folder with train.txt / val.txt")
     add_hparams_args(p)
     p.add_argument("--max_steps", type=int, default=None, help="stop at this global step (and save)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
