@@ -45,7 +45,7 @@ def main(argv=None):
     import audio
     import sync_correct
     from lipsync.data import read_filelist
-    from lipsync.evaluation import SR, ExpertScorer, score_preprocessed_clip, shift_audio
+    from lipsync.evaluation import SR, ExpertScorer, measure_known_shifts, score_preprocessed_clip, shift_audio
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def main(argv=None):
     per_clip, errors, own_conf, corrupt_conf = {}, [], [], []
     wavs = [audio.load_wav(os.path.join(c, "audio.wav"), SR) for c in clips]
     for i, clip in enumerate(clips):
-        measured = [score_preprocessed_clip(scorer, clip, wav=shift_audio(wavs[i], -k)).offset for k in ks]
+        measured = measure_known_shifts(scorer, clip, ks, wav=wavs[i])
         per_clip[os.path.relpath(clip, args.data_root)] = measured
         errors += [m - k for m, k in zip(measured, ks)]
         own_conf.append(score_preprocessed_clip(scorer, clip, wav=wavs[i]).lse_c)

@@ -336,6 +336,17 @@ def score_preprocessed_clip(scorer: ExpertScorer, clip_dir: str, vshift: int = V
     return sync_score(v, a, vshift)
 
 
+def measure_known_shifts(scorer: ExpertScorer, clip_dir: str, shifts: Sequence[int],
+                         wav: Optional[np.ndarray] = None, vshift: int = VSHIFT) -> List[int]:
+    """The AV offsets (frames) ``scorer`` measures on a preprocessed clip whose audio is moved by
+    each of ``shifts`` (frames; k > 0: the audio leads the video by k). A scorer that measures them
+    exactly returns ``list(shifts)``. ``wav``: the clip's 16 kHz audio, if already loaded.
+    Raises :class:`EvaluationError` for a clip with too few consecutive face frames."""
+    if wav is None:
+        wav = audio.load_wav(os.path.join(clip_dir, "audio.wav"), SR)
+    return [score_preprocessed_clip(scorer, clip_dir, vshift, wav=shift_audio(wav, -k)).offset for k in shifts]
+
+
 # ------------------------------------------------------------------------------------------------
 # Audio shifting
 # ------------------------------------------------------------------------------------------------
