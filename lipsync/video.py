@@ -1,52 +1,85 @@
 """Video I/O through ffmpeg pipes: probe, stream BGR frames in, stream BGR frames + audio out.
 
-Every ffmpeg call is an argument list built with ffmpeg-python (never a shell string), so any file
-name is safe. Frames are streamed: memory does not depend on the video's length.
+Every ffmpeg call is an argument list and names files as ``file:<absolute path>``
+(:func:`lipsync.media.ffmpeg_path`), so any file name is safe. Frames are streamed: memory does not
+depend on the video's length. Frames and audio are on the file's timeline (see
+:mod:`lipsync.media`): frame ``k`` is the picture shown ``k / rate`` s after the file's start, and
+the audio :class:`VideoWriter` muxes from ``audio_path`` is the audio ``audio.load_wav`` returns
+for that file, so the sound of a written video is the sound its frames were made for.
 """
 from __future__ import annotations
 
+import functools
 import os
-import re
 import subprocess
 import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterator, Optional
 
 import numpy as np
 
-from audio import ffmpeg_exe
-from lipsync.errors import Wav2LipError
+from lipsync.media import (MediaError, MediaInfo, Rate, audio_input_args, ffmpeg_command, ffmpeg_exe,  # noqa: F401
+                           ffmpeg_path, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
+                           video_timeline_filters)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2",
+                    ".pbm", ".pgm", ".ppm", ".pnm"}
 
 
-class VideoError(Wav2LipError, ValueError):
+class VideoError(MediaError):
     """A video that cannot be read or written."""
 
 
 @dataclass
 class VideoInfo:
+    """What :func:`probe_video` found. Times are seconds on the file's timeline (0 = its start)."""
     path: str
-    width: int   # as displayed (rotation metadata applied)
+    width: int       # as displayed (rotation metadata applied), pixels
     height: int
-    fps: float
-    duration: float  # seconds, 0 when unknown
-    rotation: int    # degrees from the container's metadata
+    fps: float       # float(rate), for arithmetic; write with ``rate``
+    duration: float  # where the video ends on the timeline, seconds; 0 when unknown
+    rotation: int    # degrees counter-clockwise from the container's display matrix
     has_audio: bool
+    rate: Optional[Fraction] = None   # exact average frame rate (e.g. 24000/1001)
+    start: float = 0.0                # where the first picture is shown (> 0: the video starts late)
+    stream_index: int = 0             # absolute index of the video stream (not cover art)
+    media: Optional[MediaInfo] = None
+
+    def __post_init__(self):
+        if self.rate is None:
+            self.rate = to_rate(self.fps)
 
     @property
     def approx_frames(self) -> int:
+        """Frames :func:`iter_frames` yields at the video's rate, from the container's duration."""
         return max(1, int(round(self.duration * self.fps))) if self.duration else 0
 
 
+def is_image_file(path: str) -> bool:
+    """Whether ``path`` holds a still image (JPEG, PNG, BMP, TIFF, WebP, JPEG 2000, PNM), decided by
+    its first bytes, whatever its name (``face.jfif``, ``photo`` without an extension, a ``.mp4``
+    that is really a JPEG). Raises :class:`VideoError` when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError as exc:
+        raise VideoError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    return image_signature(head)
+
+
 def is_image_path(path: str) -> bool:
+    """Whether ``path`` is a still image: by its content (:func:`is_image_file`) when the file
+    exists, else by its extension."""
+    if os.path.isfile(path):
+        return is_image_file(path)
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def read_image(path: str) -> np.ndarray:
-    """BGR image; works for any file name (cv2.imread does not on every platform)."""
+    """(H, W, 3) uint8 BGR image; works for any file name (cv2.imread does not on every platform)."""
     import cv2
 
     data = np.fromfile(path, dtype=np.uint8)
@@ -75,61 +108,57 @@ class _StderrDrain(threading.Thread):
         return self.lines[-1] if self.lines else ""
 
 
-def _run_ffmpeg_header(path: str) -> str:
-    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return proc.stderr.decode("utf-8", "replace")
-
-
 def probe_video(path: str) -> VideoInfo:
-    """Size, frame rate, duration and rotation of a video, from ffmpeg's stream header."""
+    """Size (as displayed), exact frame rate, timeline position and rotation of a video.
+
+    Raises :class:`VideoError` when the file is missing, is not media ffmpeg reads, has no video
+    stream (only cover art, or only audio) or no known frame rate."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise VideoError(f"video file not found: {path!r}")
-    header = _run_ffmpeg_header(path)
-    video_line = next((ln for ln in header.splitlines() if re.search(r"Stream #\S+.*: Video:", ln)), None)
-    if video_line is None:
-        last = [ln.strip() for ln in header.strip().splitlines() if ln.strip()]
-        reason = last[-1] if last else "no video stream"
-        if "Audio:" in header:
-            reason = "it has no video stream"
+    try:
+        info = probe_media(path)
+    except MediaError as exc:
+        raise VideoError(f"cannot read video {path!r}: {exc}") from None
+    video = info.video
+    if video is None:
+        reason = "it has no video stream" if info.audio is not None else "no video stream found"
         raise VideoError(f"cannot read video {path!r}: {reason}")
-    size = re.search(r"[ ,](\d{2,5})x(\d{2,5})[ ,\[]", video_line)
-    if not size:
+    if not video.width or not video.height:
         raise VideoError(f"cannot read video {path!r}: no frame size in its header")
-    width, height = int(size.group(1)), int(size.group(2))
-    fps_match = re.search(r"([\d.]+)\s*fps", video_line) or re.search(r"([\d.]+)k?\s*tbr", video_line)
-    fps = float(fps_match.group(1)) if fps_match else 0.0
-    if not 0 < fps < 1000:
+    if video.rate is None or not 0 < video.rate < 1000:
         raise VideoError(f"cannot read video {path!r}: unknown frame rate (pass --fps)")
-    dur = re.search(r"Duration:\s*(\d+):(\d+):([\d.]+)", header)
-    duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
-    rot = re.search(r"rotation of (-?[\d.]+) degrees", header) or re.search(r"rotate\s*:\s*(-?\d+)", header)
-    rotation = int(round(float(rot.group(1)))) if rot else 0
-    if abs(rotation) % 180 == 90:
+    width, height = video.width, video.height
+    if abs(video.rotation) % 180 == 90:
         width, height = height, width  # ffmpeg rotates the frames it decodes
-    has_audio = any(re.search(r"Stream #\S+.*: Audio:", ln) for ln in header.splitlines())
-    return VideoInfo(path, width, height, fps, duration, rotation, has_audio)
+    end = video.end if video.end is not None else info.duration
+    return VideoInfo(path, width, height, float(video.rate), end or 0.0, video.rotation, info.audio is not None,
+                     rate=video.rate, start=max(0.0, video.start or 0.0), stream_index=video.index, media=info)
 
 
-def iter_frames(info: VideoInfo, fps: Optional[float] = None, start_frame: int = 0,
+def _media_of(info: VideoInfo) -> MediaInfo:
+    return info.media if info.media is not None else probe_media(info.path)
+
+
+def iter_frames(info: VideoInfo, fps: Optional[Rate] = None, start_frame: int = 0,
                 end_frame: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Yield BGR frames at a constant ``fps`` (default: the video's), optionally a [start, end) range.
+    """Yield (H, W, 3) uint8 BGR frames at a constant rate ``fps`` (default: the video's exact
+    rate), optionally only frames [start_frame, end_frame).
 
-    Variable-frame-rate input is resampled to constant rate by ffmpeg's fps filter, so frame ``k``
-    is always the picture shown at time ``k / fps``.
-    """
-    import ffmpeg
-
-    fps = fps or info.fps
-    stream = ffmpeg.input(info.path).video.filter("fps", fps=fps)
+    Frame ``k`` is the picture shown at ``k / fps`` s on the file's timeline: variable-rate input is
+    resampled by ffmpeg's fps filter, and a video stream that starts after the file's start (its
+    audio starts first) has its first picture held until then, so frames and ``audio.load_wav``'s
+    samples of the same file line up. Raises :class:`VideoError` when no frame can be decoded."""
+    rate = to_rate(fps) if fps else info.rate
+    media = _media_of(info)
+    filters = video_timeline_filters(media, rate)
     if start_frame or end_frame is not None:
-        kwargs = {"start_frame": start_frame}
+        trim = f"trim=start_frame={int(start_frame)}"
         if end_frame is not None:
-            kwargs["end_frame"] = end_frame
-        stream = stream.filter("trim", **kwargs)
-    out = stream.output("pipe:", format="rawvideo", pix_fmt="bgr24")
-    cmd = ffmpeg.compile(out, cmd=[ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"])
+            trim += f":end_frame={int(end_frame)}"
+        filters.append(trim)
+    cmd = ffmpeg_command("-copyts", "-i", ffmpeg_path(info.path), "-map", f"0:{info.stream_index}",
+                         "-vf", ",".join(filters), "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1")
     frame_bytes = info.width * info.height * 3
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     drain = _StderrDrain(proc.stderr)
@@ -152,7 +181,8 @@ def iter_frames(info: VideoInfo, fps: Optional[float] = None, start_frame: int =
         raise VideoError(f"cannot decode any frame of {info.path!r}: {drain.last() or 'corrupt or empty video'}")
 
 
-def count_frames(info: VideoInfo, fps: Optional[float] = None) -> int:
+def count_frames(info: VideoInfo, fps: Optional[Rate] = None) -> int:
+    """How many frames :func:`iter_frames` yields (decodes the whole video)."""
     return sum(1 for _ in iter_frames(info, fps))
 
 
@@ -168,7 +198,9 @@ class VideoWriter:
     """
 
     def __init__(self, path: str, width: int, height: int, fps: float, audio_path: Optional[str] = None,
-                 crf: int = 18, preset: str = "veryfast"):
+                 crf: int = 18, preset: str = "veryfast", codec: str = "libx264"):
+        """``codec``: ``libx264`` (CRF ``crf``, x264 ``preset``) or ``h264_nvenc`` (NVIDIA's encoder,
+        constant quality ``crf``); see :func:`encoder_for`."""
         import ffmpeg
 
         self.path = os.path.abspath(path)
@@ -182,8 +214,11 @@ class VideoWriter:
         if width % 2 or height % 2:  # yuv420p needs even sizes: pad one black pixel where needed
             video = video.filter("pad", "ceil(iw/2)*2", "ceil(ih/2)*2")
         streams = [video]
-        opts = dict(vcodec="libx264", preset=preset, crf=crf, pix_fmt="yuv420p", movflags="+faststart",
-                    format="mp4")
+        if codec == "h264_nvenc":
+            opts = dict(vcodec=codec, preset="p4", rc="vbr", cq=crf, pix_fmt="yuv420p")
+        else:
+            opts = dict(vcodec="libx264", preset=preset, crf=crf, pix_fmt="yuv420p")
+        opts.update(movflags="+faststart", format="mp4")
         if audio_path is not None:
             streams.append(ffmpeg.input(audio_path).audio)
             opts.update(acodec="aac", audio_bitrate="192k")
@@ -279,3 +314,27 @@ def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
         raise VideoError(f"ffmpeg could not mux {video_path!r}: {err[-1] if err else proc.returncode}")
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out_path)
+
+
+ENCODERS = ("auto", "libx264", "h264_nvenc")
+
+
+@functools.lru_cache(maxsize=8)
+def ffmpeg_has_encoder(name: str) -> bool:
+    """Whether this ffmpeg was built with the video encoder ``name`` (from ``ffmpeg -encoders``)."""
+    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-encoders"], stdin=subprocess.DEVNULL,
+                          capture_output=True)
+    return any(line.split()[1:2] == [name] for line in proc.stdout.decode("utf-8", "replace").splitlines())
+
+
+def encoder_for(name: str, device=None) -> str:
+    """The H.264 encoder to use: ``auto`` is ``h264_nvenc`` on a CUDA device when ffmpeg has it, else
+    ``libx264``. Raises VideoError when a named encoder is missing from this ffmpeg."""
+    if name not in ENCODERS:
+        raise VideoError(f"--encoder must be one of {ENCODERS}, got {name!r}")
+    if name == "auto":
+        cuda = getattr(device, "type", device) == "cuda"
+        return "h264_nvenc" if cuda and ffmpeg_has_encoder("h264_nvenc") else "libx264"
+    if not ffmpeg_has_encoder(name):
+        raise VideoError(f"this ffmpeg ({ffmpeg_exe()}) has no {name} encoder; use --encoder libx264")
+    return name
