@@ -13,89 +13,97 @@ import functools
 import math
 import os
 import subprocess
+from typing import Optional, Tuple
 
 import numpy as np
 from scipy import signal
 
+from lipsync import media
+from lipsync.media import MediaError
+
 from hparams import (FMAX, FMIN, HOP_SIZE, MAX_ABS_VALUE, MEL_STEP_SIZE, MIN_LEVEL_DB, N_FFT, NUM_MELS,  # noqa: F401
                      PREEMPHASIS, REF_LEVEL_DB, SAMPLE_RATE, WIN_SIZE, HParams, hparams as default_hparams)
-from lipsync.errors import Wav2LipError
 
 
-class AudioError(Wav2LipError, ValueError):
+class AudioError(MediaError):
     """An audio input that cannot be read or used."""
 
 
-# --------------------------------------------------------------------------------------------
-# ffmpeg discovery (system binary first, then the one imageio-ffmpeg ships)
-# --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def ffmpeg_exe() -> str:
-    import shutil
-
-    exe = shutil.which("ffmpeg")
-    if exe:
-        return exe
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        imageio_ffmpeg = None
-    if imageio_ffmpeg is not None:
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    raise RuntimeError("ffmpeg not found: install it (apt-get install ffmpeg) or `pip install imageio-ffmpeg`")
+# ffmpeg discovery lives in lipsync.media (WAV2LIP_FFMPEG, --ffmpeg, feature detection); kept
+# importable from here for callers that only need the binary.
+ffmpeg_exe = media.ffmpeg_exe
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def _decode_with_ffmpeg(path: str, sr: int) -> np.ndarray:
-    import ffmpeg
-
-    stream = ffmpeg.input(path).output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sr, vn=None)
-    cmd = ffmpeg.compile(stream, cmd=ffmpeg_exe(), overwrite_output=True)
-    # argument list, never a shell: file names with any characters are safe
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        reason = err[-1] if err else f"ffmpeg exit {proc.returncode}"
-        raise AudioError(f"cannot read audio from {path!r}: {reason}")
-    wav = np.frombuffer(proc.stdout, dtype=np.float32).copy()
-    return wav
+# Lossless formats libsndfile reads exactly, with no timeline of their own (no start offset, no
+# priming, no padding): read in-process. Everything else goes through ffmpeg and its timeline.
+_SOUNDFILE_FORMATS = {"WAV", "WAVEX", "W64", "RF64", "AIFF", "FLAC"}
 
 
-def load_wav(path: str, sr: int) -> np.ndarray:
-    """Read any audio ffmpeg understands (or the audio track of a video) as mono float32 at ``sr``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"audio file not found: {path!r}")
-    wav = None
+def _read_soundfile(path: str) -> Optional[Tuple[np.ndarray, int]]:
+    """((samples,) float32 mono, rate in Hz) for a PCM WAV/AIFF/FLAC, or None for anything else."""
     try:
         import soundfile as sf
     except ImportError:
-        sf = None
-    if sf is not None:
-        try:
-            data, file_sr = sf.read(path, dtype="float32", always_2d=True)
-        except Exception:  # noqa: BLE001 - soundfile raises many types; ffmpeg below is the fallback
-            data = None
-        if data is not None:
-            wav = data.mean(axis=1)
-            if file_sr != sr:
-                import librosa
+        return None
+    try:
+        if sf.info(path).format not in _SOUNDFILE_FORMATS:
+            return None
+        data, file_sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception:  # noqa: BLE001 - soundfile raises many types; ffmpeg below is the fallback
+        return None
+    return data.mean(axis=1), int(file_sr)
 
-                wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr)
-    if wav is None:
+
+def _decode_with_ffmpeg(path: str, sr: int) -> np.ndarray:
+    """(samples,) float32 mono at ``sr`` Hz: the file's first audio stream on the file's timeline
+    (:func:`lipsync.media.audio_timeline_filters`)."""
+    try:
+        a_in, a_out, _, _ = media.audio_input_args(path, 0)
+    except media.MediaError as exc:
+        raise AudioError(f"cannot read audio from {path!r}: {exc}") from None
+    cmd = media.ffmpeg_command("-copyts", *a_in, *a_out, "-ac", "1", "-ar", str(sr), "-c:a", "pcm_f32le",
+                               "-f", "f32le", "pipe:1")
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        reason = media.stderr_reason(proc.stderr, f"ffmpeg exit {proc.returncode}")
+        raise AudioError(f"cannot read audio from {path!r}: {reason}")
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+
+
+def load_wav(path: str, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """(samples,) float32 mono at ``sr`` Hz from any audio ffmpeg reads, or the audio of a video.
+
+    The samples are on the file's timeline: sample ``i`` is at ``i / sr`` s after the file's start
+    (which is where a video's frame 0 is), so audio that starts after the file's start (muxed with
+    an offset, an edit list) begins with that much silence, priming the container trims is
+    dropped, and the audio ends where the container says (not after the codec's padding). These
+    are the samples ``VideoWriter(audio_path=...)`` muxes. Raises :class:`AudioError` when the file
+    is missing, has no audio stream, or cannot be decoded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"audio file not found: {path!r}")
+    read = _read_soundfile(path)
+    if read is not None:
+        wav, file_sr = read
+        if file_sr != sr and wav.size:
+            import librosa
+
+            wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr)
+    else:
         wav = _decode_with_ffmpeg(path, sr)
     if wav.size == 0:
         raise AudioError(f"{path!r} contains no audio samples")
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
-def save_wav(wav: np.ndarray, path: str, sr: int) -> None:
+def save_wav(wav: np.ndarray, path: str, sr: int = SAMPLE_RATE) -> None:
+    """Write (samples,) float audio as 16-bit PCM WAV at ``sr`` Hz; samples outside [-1, 1] are
+    clipped."""
     from scipy.io import wavfile
 
-    """Write 16-bit PCM; samples outside [-1, 1] are clipped."""
     pcm = np.round(np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0) * 32767).astype(np.int16)
     wavfile.write(path, sr, pcm)
 

@@ -192,39 +192,46 @@ def _umask() -> int:
     return mask
 
 
+def _partial_path(path: str) -> str:
+    """A hidden temporary file beside ``path`` (same file system, so the final rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial.mp4",
+                               dir=os.path.dirname(path))
+    os.close(fd)
+    return tmp
+
+
 class VideoWriter:
-    """H.264 (+ AAC from ``audio_path``) mp4, written to a hidden temporary file beside ``path`` and
-    moved into place by :meth:`close`; :meth:`abort` (or an exception inside ``with``) removes it.
+    """H.264 mp4 from (H, W, 3) uint8 BGR frames at exactly ``fps`` frames/s (a Fraction such as
+    24000/1001 is written as that, not rounded), plus AAC from ``audio_path``: that file's audio on
+    its timeline, as ``audio.load_wav`` reads it (a late start kept as silence, codec padding cut).
+
+    Written to a hidden temporary file beside ``path`` and moved into place by :meth:`close`;
+    :meth:`abort` (or an exception inside ``with``) removes it. Raises :class:`VideoError` when
+    ``audio_path`` has no audio, ffmpeg lacks libx264, or encoding fails.
     """
 
-    def __init__(self, path: str, width: int, height: int, fps: float, audio_path: Optional[str] = None,
-                 crf: int = 18, preset: str = "veryfast", codec: str = "libx264"):
-        """``codec``: ``libx264`` (CRF ``crf``, x264 ``preset``) or ``h264_nvenc`` (NVIDIA's encoder,
-        constant quality ``crf``); see :func:`encoder_for`."""
-        import ffmpeg
-
+    def __init__(self, path: str, width: int, height: int, fps: Rate, audio_path: Optional[str] = None,
+                 crf: int = 18, preset: str = "veryfast"):
+        require_encoder("libx264", "writing H.264 video")
         self.path = os.path.abspath(path)
-        out_dir = os.path.dirname(self.path)
-        os.makedirs(out_dir, exist_ok=True)
-        fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial.mp4",
-                                             dir=out_dir)
-        os.close(fd)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.rate = to_rate(fps)
         self.width, self.height = width, height
-        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="bgr24", s=f"{width}x{height}", framerate=fps).video
+        args = ["-copyts", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}",
+                "-framerate", str(self.rate), "-i", "pipe:0"]
+        out = ["-map", "0:v:0"]
         if width % 2 or height % 2:  # yuv420p needs even sizes: pad one black pixel where needed
-            video = video.filter("pad", "ceil(iw/2)*2", "ceil(ih/2)*2")
-        streams = [video]
-        if codec == "h264_nvenc":
-            opts = dict(vcodec=codec, preset="p4", rc="vbr", cq=crf, pix_fmt="yuv420p")
-        else:
-            opts = dict(vcodec="libx264", preset=preset, crf=crf, pix_fmt="yuv420p")
-        opts.update(movflags="+faststart", format="mp4")
+            out += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
         if audio_path is not None:
-            streams.append(ffmpeg.input(audio_path).audio)
-            opts.update(acodec="aac", audio_bitrate="192k")
-        out = ffmpeg.output(*streams, self.tmp_path, **opts)
-        cmd = ffmpeg.compile(out, cmd=[ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"],
-                             overwrite_output=True)
+            try:
+                a_in, a_out, _, _ = audio_input_args(audio_path, 1)
+            except (MediaError, OSError) as exc:
+                raise VideoError(f"cannot use the audio of {audio_path!r}: {exc}") from None
+            args += a_in
+            out += a_out + ["-c:a", "aac", "-b:a", "192k"]
+        self.tmp_path = _partial_path(self.path)
+        cmd = ffmpeg_command("-y", *args, *out, "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
+                             "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(self.tmp_path))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.drain = _StderrDrain(self.proc.stderr)
         self.drain.start()
@@ -292,49 +299,25 @@ class VideoWriter:
 
 
 def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
-    """Copy the video stream of ``video_path`` with the audio of ``audio_src`` (AAC) into ``out_path``,
-    atomically."""
-    import ffmpeg
-
+    """Copy the video stream of ``video_path`` with the audio of ``audio_src`` (AAC, on its timeline
+    as :class:`VideoWriter` muxes it; None: no audio) into ``out_path`` (mp4), atomically.
+    Raises :class:`VideoError` when ffmpeg fails."""
     out_path = os.path.abspath(out_path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out_path) + ".", suffix=".partial.mp4",
-                               dir=os.path.dirname(out_path))
-    os.close(fd)
-    streams = [ffmpeg.input(video_path).video]
-    opts = dict(vcodec="copy", format="mp4", movflags="+faststart")
+    video = probe_video(video_path)
+    args = ["-copyts", "-i", ffmpeg_path(video_path)]
+    out = ["-map", f"0:{video.stream_index}", "-c:v", "copy"]
     if audio_src is not None:
-        streams.append(ffmpeg.input(audio_src).audio)
-        opts.update(acodec="aac", audio_bitrate="192k")
-    cmd = ffmpeg.compile(ffmpeg.output(*streams, tmp, **opts),
-                         cmd=[ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"], overwrite_output=True)
+        try:
+            a_in, a_out, _, _ = audio_input_args(audio_src, 1)
+        except (MediaError, OSError) as exc:
+            raise VideoError(f"cannot use the audio of {audio_src!r}: {exc}") from None
+        args += a_in
+        out += a_out + ["-c:a", "aac", "-b:a", "192k"]
+    tmp = _partial_path(out_path)
+    cmd = ffmpeg_command("-y", *args, *out, "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(tmp))
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
     if proc.returncode != 0:
         os.remove(tmp)
-        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise VideoError(f"ffmpeg could not mux {video_path!r}: {err[-1] if err else proc.returncode}")
+        raise VideoError(f"ffmpeg could not mux {video_path!r}: {stderr_reason(proc.stderr, str(proc.returncode))}")
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out_path)
-
-
-ENCODERS = ("auto", "libx264", "h264_nvenc")
-
-
-@functools.lru_cache(maxsize=8)
-def ffmpeg_has_encoder(name: str) -> bool:
-    """Whether this ffmpeg was built with the video encoder ``name`` (from ``ffmpeg -encoders``)."""
-    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-encoders"], stdin=subprocess.DEVNULL,
-                          capture_output=True)
-    return any(line.split()[1:2] == [name] for line in proc.stdout.decode("utf-8", "replace").splitlines())
-
-
-def encoder_for(name: str, device=None) -> str:
-    """The H.264 encoder to use: ``auto`` is ``h264_nvenc`` on a CUDA device when ffmpeg has it, else
-    ``libx264``. Raises VideoError when a named encoder is missing from this ffmpeg."""
-    if name not in ENCODERS:
-        raise VideoError(f"--encoder must be one of {ENCODERS}, got {name!r}")
-    if name == "auto":
-        cuda = getattr(device, "type", device) == "cuda"
-        return "h264_nvenc" if cuda and ffmpeg_has_encoder("h264_nvenc") else "libx264"
-    if not ffmpeg_has_encoder(name):
-        raise VideoError(f"this ffmpeg ({ffmpeg_exe()}) has no {name} encoder; use --encoder libx264")
-    return name

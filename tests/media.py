@@ -41,6 +41,18 @@ def ffmpeg(*args):
     subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
 
 
+def set_rotation(src, dst, degrees):
+    """Copy ``src`` to ``dst`` with display rotation metadata of ``degrees`` counter-clockwise, with
+    whichever way this ffmpeg has: ``-display_rotation`` (ffmpeg 6+) or the ``rotate`` tag (older)."""
+    from lipsync.media import has_option
+
+    if has_option("display_rotation"):
+        ffmpeg("-display_rotation", str(degrees), "-i", str(src), "-c", "copy", str(dst))
+    else:
+        ffmpeg("-i", str(src), "-c", "copy", "-metadata:s:v:0", f"rotate={degrees % 360}", str(dst))
+    return str(dst)
+
+
 def tone_wav(path, seconds, sr=16000, silent=False):
     from audio import save_wav
 

@@ -14,7 +14,7 @@ import inference
 from conftest import REFERENCE, ROOT
 from lipsync.inference import InferenceConfig, coords_from_detections, run_inference, source_index
 from lipsync.video import count_frames, iter_frames, probe_video
-from media import make_face_video, marker_index, tone_wav, ffmpeg
+from media import make_face_video, marker_index, set_rotation, tone_wav, ffmpeg
 from models import SyncNet_color, Wav2Lip
 from published_reference import published_face_boxes, published_frames, published_mel_chunks
 
@@ -154,7 +154,7 @@ def test_resize_crop_rotate(media, tmp_path):
 def test_rotation_metadata_is_honoured(media, tmp_path):
     wide = make_face_video(tmp_path / "wide.mp4", 10, size=(320, 256))
     rotated = str(tmp_path / "rotated.mp4")
-    ffmpeg("-display_rotation", "90", "-i", wide, "-c", "copy", rotated)
+    set_rotation(wide, rotated, 90)  # -display_rotation on ffmpeg 6+, the rotate tag before
     info = probe_video(rotated)
     assert (info.width, info.height, info.rotation) == (256, 320, 90)
     s, frames = run(media, tmp_path, face=rotated)
