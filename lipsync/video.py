@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from lipsync.media import (MediaError, MediaInfo, Rate, audio_input_args, ffmpeg_command, ffmpeg_exe,  # noqa: F401
-                           ffmpeg_path, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
+                           ffmpeg_path, has_encoder, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
                            video_timeline_filters)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2",
@@ -211,8 +211,10 @@ class VideoWriter:
     """
 
     def __init__(self, path: str, width: int, height: int, fps: Rate, audio_path: Optional[str] = None,
-                 crf: int = 18, preset: str = "veryfast"):
-        require_encoder("libx264", "writing H.264 video")
+                 crf: int = 18, preset: str = "veryfast", codec: str = "libx264"):
+        """``codec``: ``libx264`` (CRF ``crf``, x264 ``preset``) or ``h264_nvenc`` (NVIDIA's encoder,
+        constant quality ``crf``); see :func:`encoder_for`."""
+        require_encoder(codec, "writing H.264 video")
         self.path = os.path.abspath(path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.rate = to_rate(fps)
@@ -230,8 +232,12 @@ class VideoWriter:
             args += a_in
             out += a_out + ["-c:a", "aac", "-b:a", "192k"]
         self.tmp_path = _partial_path(self.path)
-        cmd = ffmpeg_command("-y", *args, *out, "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
-                             "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(self.tmp_path))
+        if codec == "h264_nvenc":
+            out += ["-c:v", codec, "-preset", "p4", "-rc", "vbr", "-cq", str(crf)]
+        else:
+            out += ["-c:v", "libx264", "-preset", preset, "-crf", str(crf)]
+        cmd = ffmpeg_command("-y", *args, *out, "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4",
+                             ffmpeg_path(self.tmp_path))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.drain = _StderrDrain(self.proc.stderr)
         self.drain.start()
@@ -321,3 +327,24 @@ def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
         raise VideoError(f"ffmpeg could not mux {video_path!r}: {stderr_reason(proc.stderr, str(proc.returncode))}")
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out_path)
+
+
+ENCODERS = ("auto", "libx264", "h264_nvenc")
+
+
+def ffmpeg_has_encoder(name: str) -> bool:
+    """Whether this ffmpeg was built with the video encoder ``name`` (from ``ffmpeg -encoders``)."""
+    return has_encoder(name)
+
+
+def encoder_for(name: str, device=None) -> str:
+    """The H.264 encoder to use: ``auto`` is ``h264_nvenc`` on a CUDA device when ffmpeg has it, else
+    ``libx264``. Raises VideoError when a named encoder is missing from this ffmpeg."""
+    if name not in ENCODERS:
+        raise VideoError(f"--encoder must be one of {ENCODERS}, got {name!r}")
+    if name == "auto":
+        cuda = getattr(device, "type", device) == "cuda"
+        return "h264_nvenc" if cuda and ffmpeg_has_encoder("h264_nvenc") else "libx264"
+    if not ffmpeg_has_encoder(name):
+        raise VideoError(f"this ffmpeg ({ffmpeg_exe()}) has no {name} encoder; use --encoder libx264")
+    return name
