@@ -1,86 +1,179 @@
 """Lip-sync a face video or photo to any speech with a Wav2Lip checkpoint.
 
     python inference.py --checkpoint_path checkpoints/wav2lip_gan.pth --face video.mp4 --audio speech.wav
+    python inference.py --checkpoint_path G.pth --face video.mp4 --save_avatar avatars/anna   # prepare once
+    python inference.py --checkpoint_path G.pth --avatar avatars/anna --audio a.wav b.mp3 --outdir results/
 
-Flags and defaults are those of the published script, plus --face_detector, --device, --blend,
---loop and --on_missing_face (see README.md).
+The published flags keep their meaning and defaults. With --blend none --loop repeat (parity mode)
+the frames are the published script's: every frame detected at full size, fp32, hard paste.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from face_detection import BACKENDS
+from lipsync.cli import DEVICE_HELP, QUIET_HELP, HelpFormatter
 from lipsync.device import DEVICE_CHOICES
+
+# flags that decide an avatar's frames and boxes, as avatar.json names them
+AVATAR_FLAGS = {"fps": "fps", "static": "static", "resize_factor": "resize_factor", "rotate": "rotate",
+                "crop": "crop", "pads": "pads", "nosmooth": "nosmooth", "box": "box",
+                "face_detector": "face_detector", "det_scale": "det_scale", "det_every": "det_every",
+                "det_jump_iou": "det_jump_iou"}
+
+
+def det_scale(text: str) -> float:
+    if text == "auto":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Lip-sync a face video or image to an audio file using Wav2Lip")
-    p.add_argument("--checkpoint_path", required=True, help="generator checkpoint (wav2lip.pth, wav2lip_gan.pth, "
-                                                            "or one trained here)")
-    p.add_argument("--face", required=True, help="video or image with the face")
-    p.add_argument("--audio", required=True, help="speech: any audio file, or a video whose audio to use")
-    p.add_argument("--outfile", default="results/result_voice.mp4", help="output video (default: %(default)s)")
-    p.add_argument("--static", action="store_true", help="use only the first frame of --face")
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate for an image input (default: %(default)s)")
-    p.add_argument("--pads", nargs=4, type=int, default=[0, 10, 0, 0], metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
-                   help="padding around the detected face (default: 0 10 0 0)")
-    p.add_argument("--face_det_batch_size", type=int, default=16, help="frames per face-detection batch")
-    p.add_argument("--wav2lip_batch_size", type=int, default=128, help="frames per generator batch")
-    p.add_argument("--resize_factor", type=int, default=1, help="divide the input resolution by this first")
-    p.add_argument("--crop", nargs=4, type=int, default=[0, -1, 0, -1], metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
-                   help="crop the input to this region (-1: to the edge)")
-    p.add_argument("--box", nargs=4, type=int, default=[-1, -1, -1, -1], metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
-                   help="fixed face box for every frame; skips detection")
-    p.add_argument("--rotate", action="store_true", help="rotate the input 90 degrees clockwise first")
-    p.add_argument("--nosmooth", action="store_true", help="do not smooth face boxes over 5 frames")
-    p.add_argument("--face_detector", choices=BACKENDS, default="sfd",
-                   help="sfd (S3FD, needs s3fd.pth) or lbp (no download) (default: %(default)s)")
-    p.add_argument("--s3fd_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)")
-    p.add_argument("--det_scale", type=float, default=1.0,
-                   help="run detection on frames scaled by this factor (<1 is faster, boxes may differ)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="(default: %(default)s)")
-    p.add_argument("--blend", choices=("feather", "none"), default="feather",
-                   help="feather: soft mask over the lower face; none: hard paste as published")
-    p.add_argument("--loop", choices=("repeat", "pingpong"), default="repeat",
-                   help="how to extend a video shorter than the audio (default: %(default)s)")
-    p.add_argument("--on_missing_face", choices=("passthrough", "fail"), default="passthrough",
-                   help="a frame without a face: keep it unchanged, or stop (default: %(default)s)")
-    p.add_argument("--det_cache_dir", default=None,
-                   help="where face detections are cached (default: ~/.cache/wav2lip/detections; '' disables)")
-    p.add_argument("--half", action="store_true", help="float16 generator on CUDA (faster, not bit-identical)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--checkpoint_path", required=True, help="generator checkpoint (wav2lip.pth, wav2lip_gan.pth, or one trained "
+                                                 "here)")
+    add("--face", help="video or image with the face (or use --avatar)")
+    add("--audio", nargs="+", help="speech: any audio file, or a video whose audio to use; several files give one "
+                                   "output each (with --outdir)")
+    add("--outfile", default="results/result_voice.mp4", help="output video (one audio)")
+    add("--outdir", help="folder for the outputs, each named after its audio (<audio name>.mp4)")
+    add("--static", action="store_true", help="use only the first frame of --face")
+    add("--fps", type=float, default=25.0, help="frame rate for an image input, frames/s")
+    add("--pads", nargs=4, type=int, default=[0, 10, 0, 0], metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+        help="pixels added around the detected face")
+    add("--face_det_batch_size", type=int, default=16, help="frames per face-detection batch")
+    add("--wav2lip_batch_size", type=int, default=128, help="frames per generator batch (the CPU runs them in "
+                                                            "tuned micro-batches)")
+    add("--resize_factor", type=int, default=1, help="divide the input's width and height by this first (the "
+                                                     "output has the reduced size, as published)")
+    add("--crop", nargs=4, type=int, default=[0, -1, 0, -1], metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+        help="crop the input to this region (-1: to the edge)")
+    add("--box", nargs=4, type=int, default=[-1, -1, -1, -1], metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+        help="fixed face box for every frame; skips detection (-1 -1 -1 -1: detect)")
+    add("--rotate", action="store_true", help="rotate the input 90 degrees clockwise first")
+    add("--nosmooth", action="store_true", help="do not smooth face boxes over 5 frames")
+    add("--face_detector", choices=BACKENDS, default="sfd", help="sfd (S3FD, needs s3fd.pth) or lbp (no download)")
+    add("--s3fd_path", default=None, help="S3FD weights (None: face_detection/detection/sfd/s3fd.pth)")
+    add("--det_scale", type=det_scale, default=0.0, metavar="auto|F",
+        help="detect on frames scaled by F (0 = auto: full size in parity mode, else shorter side <= 480 px)")
+    add("--det_every", type=int, default=None, metavar="K",
+        help="detect every K-th frame, interpolate between, re-detect where the box jumps (None = auto: 1 in "
+             "parity mode, else 5; 1 = every frame)")
+    add("--det_jump_iou", type=float, default=0.5, help="with --det_every > 1: detect every frame between two "
+                                                        "keyframes whose boxes overlap less than this (IoU)")
+    add("--det_cache_dir", default=None, help="where face detections are cached (None: ~/.cache/wav2lip/detections; "
+                                              "'' disables)")
+    add("--save_avatar", metavar="DIR", help="prepare the face (detection and crops) and save it to DIR; with "
+                                             "--audio, also lip-sync")
+    add("--avatar", metavar="DIR", help="use a face saved with --save_avatar instead of --face")
+    add("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
+    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="generator precision: auto = bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp16 on CUDA, "
+             "else fp32; fp32 in parity mode")
+    add("--threads", type=int, default=None, help="CPU threads for the generator (None: chosen while running "
+                                                  "from measured speed)")
+    add("--half", action="store_true", help="the same as --precision fp16")
+    add("--encoder", choices=("auto", "libx264", "h264_nvenc"), default="auto",
+        help="H.264 encoder: auto = h264_nvenc on CUDA when ffmpeg has it, else libx264")
+    add("--face_cache_mb", type=float, default=512, help="memory for face features reused when the video loops")
+    add("--blend", choices=("feather", "none"), default="feather",
+        help="feather: soft mouth-and-jaw mask with colour matching; none: hard paste as published")
+    add("--loop", choices=("repeat", "pingpong"), default="repeat",
+        help="how to extend a video shorter than the audio")
+    add("--on_missing_face", choices=("passthrough", "fail"), default="passthrough",
+        help="a frame without a face: keep it unchanged, or stop")
+    add("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
 
+def explicit_flags(argv) -> dict:
+    """The flags given on the command line (not defaults), by destination."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return vars(p.parse_known_args(argv)[0])
+
+
+def avatar_wanted(given: dict) -> dict:
+    """Avatar settings the user set explicitly, in avatar.json's terms."""
+    return {AVATAR_FLAGS[k]: (list(v) if isinstance(v, list) else v) for k, v in given.items() if k in AVATAR_FLAGS}
+
+
+def output_names(audios, outdir):
+    """``outdir/<audio stem>.mp4`` per audio; stems seen twice keep their extension (``a_mp3.mp4``)."""
+    stems = [os.path.splitext(os.path.basename(a))[0] for a in audios]
+    names = []
+    for a, stem in zip(audios, stems):
+        name = stem if stems.count(stem) == 1 else stem + "_" + os.path.splitext(a)[1].lstrip(".")
+        while name + ".mp4" in names:
+            name += "_"
+        names.append(name + ".mp4")
+    return [os.path.join(outdir, n) for n in names]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.face and args.avatar:
+        parser.error("give --face or --avatar, not both")
+    if not args.face and not args.avatar:
+        parser.error("the face is missing: give --face FILE (or a saved --avatar DIR)")
+    if not args.audio and not args.save_avatar:
+        parser.error("give --audio (or --save_avatar DIR to only prepare the face)")
+    if args.avatar and args.save_avatar:
+        parser.error("--save_avatar prepares from --face; it cannot be combined with --avatar")
+    audios = args.audio or []
+    if len(audios) > 1 and not args.outdir:
+        parser.error("several --audio files need --outdir (each output is named after its audio)")
 
-    from audio import AudioError
-    from face_detection import DetectorError
-    from lipsync.inference import InferenceConfig, InferenceError, run_inference
-    from lipsync.video import VideoError
-    from models import CheckpointError
+    from lipsync.errors import run_main
 
+    return run_main(_run, args, audios, argv)
+
+
+def _run(args, audios, argv) -> int:
+    from lipsync.inference import InferenceConfig, load_generator, run_many
+
+    given = explicit_flags(argv if argv is not None else sys.argv[1:]) if args.avatar else {}
     cfg = InferenceConfig(
-        checkpoint_path=args.checkpoint_path, face=args.face, audio=args.audio, outfile=args.outfile,
-        static=args.static, fps=args.fps, pads=args.pads, face_det_batch_size=args.face_det_batch_size,
-        wav2lip_batch_size=args.wav2lip_batch_size, resize_factor=args.resize_factor, crop=args.crop,
-        box=args.box, rotate=args.rotate, nosmooth=args.nosmooth, face_detector=args.face_detector,
-        s3fd_path=args.s3fd_path, det_scale=args.det_scale, device=args.device, blend=args.blend,
+        checkpoint_path=args.checkpoint_path, face=args.face, audio=audios[0] if audios else "",
+        outfile=args.outfile, static=args.static, fps=args.fps, pads=args.pads,
+        face_det_batch_size=args.face_det_batch_size, wav2lip_batch_size=args.wav2lip_batch_size,
+        resize_factor=args.resize_factor, crop=args.crop, box=args.box, rotate=args.rotate, nosmooth=args.nosmooth,
+        face_detector=args.face_detector, s3fd_path=args.s3fd_path, det_scale=args.det_scale,
+        det_every=args.det_every, det_jump_iou=args.det_jump_iou, device=args.device, blend=args.blend,
         loop=args.loop, on_missing_face=args.on_missing_face, det_cache_dir=args.det_cache_dir,
-        half=args.half, progress=not args.quiet)
-    try:
-        summary = run_inference(cfg)
-    except (AudioError, CheckpointError, DetectorError, InferenceError, VideoError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
-        return 130
-    print(summary.line())
+        precision=args.precision, threads=args.threads, half=args.half, avatar=args.avatar,
+        save_avatar=args.save_avatar, avatar_settings_given=avatar_wanted(given), encoder=args.encoder,
+        face_cache_mb=args.face_cache_mb, progress=not args.quiet)
+    outs = output_names(audios, args.outdir) if args.outdir else [args.outfile] * len(audios)
+    results = run_many(cfg, list(zip(audios, outs)), keep_going=len(audios) > 1)
+    if not audios:
+        print(f"saved avatar to {os.path.abspath(args.save_avatar)}")
+    failed = 0
+    for path, result in zip(audios, results):
+        if isinstance(result, Exception):
+            from lipsync.errors import error_line
+
+            print(f"{error_line(result)} (audio {path!r}: no output written)", file=sys.stderr)
+            failed += 1
+        else:
+            print(result.line())
+    if failed:
+        print(f"{failed} of {len(audios)} audio file(s) failed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -55,7 +55,9 @@ def boxes_from_outputs(olist, batch_size: int, score_threshold: float = SCORE_TH
 class S3FDDetector(FaceDetector):
     name = "sfd"
 
-    def __init__(self, device="cpu", weights_path: str | None = None, score_threshold: float = SCORE_THRESHOLD):
+    def __init__(self, device="cpu", weights_path: str | None = None, score_threshold: float = SCORE_THRESHOLD,
+                 half: bool = False):
+        """``half``: run the network in float16 (CUDA only; ignored on the CPU, where it is slower)."""
         from face_alignment.detection.sfd.net_s3fd import s3fd
 
         from models.checkpoint import CheckpointError, read_checkpoint, strip_wrapper_prefixes
@@ -73,7 +75,10 @@ class S3FDDetector(FaceDetector):
             raise DetectorError(f"{weights_path!r} is not an S3FD checkpoint (its keys or shapes do not "
                                 "match the S3FD network)") from None
         self.device = torch.device(device)
+        self.half = bool(half) and self.device.type == "cuda"
         self.net = net.to(self.device).eval()
+        if self.half:
+            self.net = self.net.half()
         self.score_threshold = score_threshold
         self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
 
@@ -84,7 +89,7 @@ class S3FDDetector(FaceDetector):
             return [d for f in frames for d in self._detect_batch([f])]
         x = torch.from_numpy(np.stack(frames)).to(self.device)
         x = x.permute(0, 3, 1, 2).float() - self._mean  # the network was trained on BGR
-        olist = self.net(x)
+        olist = self.net(x.half() if self.half else x)
         results = []
         for det in boxes_from_outputs(olist, len(frames), self.score_threshold):
             results.append(None if det is None else clip_box(det[0], det[1], det[2], det[3], w, h))

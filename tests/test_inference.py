@@ -12,7 +12,9 @@ import torch
 import audio
 import inference
 from conftest import REFERENCE, ROOT
-from lipsync.inference import InferenceConfig, coords_from_detections, run_inference, source_index
+from lipsync.boxes import coords_from_detections
+from lipsync.frames import source_index
+from lipsync.inference import InferenceConfig, run_inference
 from lipsync.video import count_frames, iter_frames, probe_video
 from media import make_face_video, marker_index, set_rotation, tone_wav, ffmpeg
 from models import SyncNet_color, Wav2Lip
@@ -206,12 +208,12 @@ def test_detection_cache(media, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     s1, f1 = run(media, tmp_path, det_cache_dir=cache)
     assert not s1.detection_cached and len(glob.glob(cache + "/*.npy")) == 1
-    import lipsync.inference as engine
+    import face_detection
 
     def no_detector(*a, **k):
         raise AssertionError("detector must not run on a cached video")
 
-    monkeypatch.setattr(engine, "get_detector", no_detector)
+    monkeypatch.setattr(face_detection, "get_detector", no_detector)
     silence = tone_wav(tmp_path / "silence.wav", 2.0, silent=True)
     s2, f2 = run(media, tmp_path, det_cache_dir=cache, audio=silence)
     assert s2.detection_cached and s2.frames == 50

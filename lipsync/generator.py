@@ -1,0 +1,361 @@
+"""A loaded Wav2Lip generator for inference: device, precision, CPU threads and micro-batches.
+
+Load it once and use it for any number of faces and audios (like whisper's ``transcribe(model, ...)``
+takes a loaded model). Besides the whole forward pass it exposes the two halves the engine needs:
+:meth:`Generator.encode_faces` (what the generator computes from the face alone, cacheable per
+avatar frame) and :meth:`Generator.decode` (speech + face features -> face).
+
+Precision: ``fp32``; ``bf16`` (weights and activations in bfloat16; fast on CPUs with bf16 matrix
+units: Intel AMX or AVX512-BF16); ``fp16`` (CUDA); ``auto`` picks bf16 on a CPU whose torch reports
+bf16 matrix support, fp16 on CUDA, fp32 elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from lipsync.device import resolve_device
+from lipsync.errors import Wav2LipError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Micro-batches tried on the CPU. Small batches keep activations in cache (8 frames ran ~20% faster per
+# frame than 128 on 2 idle cores); larger ones cross fewer thread barriers, which matters when another
+# process holds a core (32 frames were 1.66x faster than 8 on two busy threads).
+CPU_MICRO_BATCHES = (8, 32)
+
+
+class PrecisionError(Wav2LipError, ValueError):
+    """A precision the device cannot run."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What the CPU can do
+# ------------------------------------------------------------------------------------------------
+def _torch_cpu_flag(name: str) -> bool:
+    fn = getattr(torch.cpu, name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+@dataclass(frozen=True)
+class CpuCapabilities:
+    """What torch reports about this CPU at run time."""
+
+    name: str             # model name from /proc/cpuinfo ("unknown" elsewhere)
+    cores: int            # logical CPUs this process may use
+    isa: str              # torch's dispatch level: "DEFAULT", "AVX2", "AVX512", ...
+    amx: bool             # Intel AMX tiles (bf16 matrix multiply)
+    avx512_bf16: bool
+    mkldnn_bf16: bool     # oneDNN runs bf16 convolutions natively
+
+    @property
+    def bf16_matrix(self) -> bool:
+        """True when bf16 convolutions have hardware support (AMX or AVX512-BF16)."""
+        return self.mkldnn_bf16 and (self.amx or self.avx512_bf16)
+
+    def line(self) -> str:
+        feats = [f for f, on in (("AMX", self.amx), ("AVX512-BF16", self.avx512_bf16)) if on]
+        return (f"{self.name}, {self.cores} cores, torch ISA {self.isa}, bf16 matrix support: "
+                f"{'yes (' + ', '.join(feats) + ')' if self.bf16_matrix else 'no'}")
+
+
+def cpu_capabilities() -> CpuCapabilities:
+    name = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        isa = "unknown"
+    try:
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        mkldnn_bf16 = False
+    return CpuCapabilities(name, cores, isa, _torch_cpu_flag("_is_amx_tile_supported"),
+                           _torch_cpu_flag("_is_avx512_bf16_supported"), mkldnn_bf16)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a CPU with bf16 matrix support, fp16 on CUDA, fp32 elsewhere.
+
+    Raises PrecisionError for fp16 on a CPU without native fp16 convolutions, or an unknown name.
+    """
+    if name not in PRECISIONS:
+        raise PrecisionError(f"--precision must be one of {PRECISIONS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        if device.type == "cpu" and cpu_capabilities().bf16_matrix:
+            return "bf16"
+        return "fp32"
+    if name == "fp16" and device.type == "cpu":
+        fp16 = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+        if fp16 is None or not fp16():
+            raise PrecisionError("--precision fp16 needs a GPU or a CPU with native fp16 support; use bf16 or fp32")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# Threads and micro-batch, adapted while running
+# ------------------------------------------------------------------------------------------------
+class CpuTuner:
+    """Chooses (intra-op threads, micro-batch) for each forward call from measured speed.
+
+    Every candidate is timed once (seconds per frame, wall clock, so time lost waiting for a core
+    that another process holds counts), then the fastest is used, and every ``explore_every``-th call
+    re-times the candidate measured longest ago, so the choice follows the machine when another
+    process starts or stops. ``threads`` fixes the thread count (only the micro-batch is tuned).
+    """
+
+    def __init__(self, threads: Optional[int] = None, cores: Optional[int] = None,
+                 micro_batches: Sequence[int] = CPU_MICRO_BATCHES, explore_every: int = 8, alpha: float = 0.5):
+        cores = cores or cpu_capabilities().cores
+        if threads is not None:
+            thread_opts = [threads]
+        elif cores <= 4:
+            thread_opts = list(range(cores, 0, -1))
+        else:
+            thread_opts = sorted({cores, max(1, cores // 2), 1}, reverse=True)
+        self.candidates: List[Tuple[int, int]] = [(t, mb) for t in thread_opts for mb in micro_batches]
+        self.speed: dict = {}       # candidate -> EMA of seconds per frame
+        self.warm: set = set()       # candidates run once (the first call of a shape builds kernels)
+        self.measured_at: dict = {}  # candidate -> call number of the last measurement
+        self.calls = 0
+        self.explore_every = explore_every
+        self.alpha = alpha
+        self.lock = threading.Lock()
+
+    def choose(self) -> Tuple[int, int]:
+        with self.lock:
+            self.calls += 1
+            untried = [c for c in self.candidates if c not in self.speed]
+            if untried:
+                return untried[0]
+            if self.calls % self.explore_every == 0:
+                return min(self.candidates, key=lambda c: self.measured_at[c])
+            return self.best()
+
+    def best(self) -> Tuple[int, int]:
+        return min(self.speed, key=self.speed.get) if self.speed else self.candidates[0]
+
+    def record(self, candidate: Tuple[int, int], frames: int, seconds: float) -> None:
+        per_frame = seconds / max(1, frames)
+        with self.lock:
+            if candidate not in self.warm:
+                self.warm.add(candidate)
+                return
+            old = self.speed.get(candidate)
+            self.speed[candidate] = per_frame if old is None else (1 - self.alpha) * old + self.alpha * per_frame
+            self.measured_at[candidate] = self.calls
+
+    def summary(self) -> str:
+        t, mb = self.best()
+        return f"{t} thread(s), micro-batch {mb}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The generator
+# ------------------------------------------------------------------------------------------------
+FaceFeatures = List[torch.Tensor]  # one (B, C_l, H_l, W_l) tensor per face-encoder level
+
+
+class FaceBank:
+    """Face-encoder features of crops already seen, by key, least recently used first out.
+
+    Each entry is one tensor per encoder level, (C_l, H_l, W_l), on the generator's device and in
+    its precision: about 1.2 MB per frame for the full-width 96 generator in fp32, 9.3 MB at 288.
+    Holds at most ``budget_mb`` megabytes.
+    """
+
+    def __init__(self, budget_mb: float):
+        from collections import OrderedDict
+
+        self.budget = int(budget_mb * 2 ** 20)
+        self.entries: "OrderedDict" = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key, levels: List[torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in levels)
+        if size > self.budget or key in self.entries:
+            return
+        # a row of a batch keeps the whole batch alive: store compact copies
+        self.entries[key] = [t.clone() for t in levels]
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old)
+
+    def forget(self, prefix) -> None:
+        """Drop every entry whose key starts with ``prefix`` (an avatar that was deleted)."""
+        for key in [k for k in self.entries if isinstance(k, tuple) and k[0] == prefix]:
+            old = self.entries.pop(key)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old)
+
+
+class Generator:
+    """A Wav2Lip generator ready for inference.
+
+    ``checkpoint_path``: a published or project checkpoint (96 or 288 layout, any width).
+    ``device``: ``auto``/``cpu``/``cuda``/``mps`` or a torch.device. ``precision``: see the module
+    docstring. ``threads``: CPU intra-op threads (None: adapted while running, see :class:`CpuTuner`).
+    ``micro_batch``: frames per forward call on the CPU (None: adapted). ``face_cache_mb``: memory
+    for face features of crops seen before (:class:`FaceBank`; 0 disables). BatchNorm is folded into the
+    convolutions (same function, fewer operations). Raises CheckpointError for a file that is not a
+    generator, PrecisionError for a precision the device cannot run.
+    """
+
+    def __init__(self, checkpoint_path: str, device="auto", precision: str = "auto",
+                 threads: Optional[int] = None, micro_batch: Optional[int] = None, face_cache_mb: float = 512):
+        from models import load_model
+        from models.fuse import fold_batchnorm
+
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = _DTYPES[self.precision]
+        if threads is not None and threads < 1:
+            raise PrecisionError("--threads must be >= 1")
+        loaded = load_model(checkpoint_path, kind="generator", device="cpu")
+        self.checkpoint_path = os.path.abspath(checkpoint_path)
+        self.img_size = loaded.img_size
+        self.width = loaded.width
+        model = fold_batchnorm(loaded.model).to(self.device, self.dtype)
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+        self.threads = threads
+        self.tuner: Optional[CpuTuner] = None
+        if self.device.type == "cpu":
+            mbs = (micro_batch,) if micro_batch else CPU_MICRO_BATCHES
+            self.tuner = CpuTuner(threads=threads, micro_batches=mbs)
+        self.lock = threading.Lock()  # one forward at a time: threads and micro-batch are process-wide
+        self.bank = FaceBank(face_cache_mb) if face_cache_mb > 0 else None
+
+    def describe(self) -> str:
+        return f"{self.img_size}x{self.img_size} generator (width {self.width:g}) on {self.device}, {self.precision}"
+
+    # ---- inputs ----------------------------------------------------------------------------------
+    def face_tensor(self, faces: np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 BGR crops -> (B, 6, S, S) model input in [0, 1]: the face with its lower
+        half zeroed on channels 0-2, the face itself (the reference) on channels 3-5 (published)."""
+        if faces.ndim != 4 or faces.shape[1:] != (self.img_size, self.img_size, 3):
+            raise ValueError(f"faces must be (B, {self.img_size}, {self.img_size}, 3), got {faces.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device)
+        x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0  # (B, 3, S, S)
+        masked = x.clone()
+        masked[:, :, self.img_size // 2:] = 0
+        img = torch.cat((masked, x), dim=1)  # (B, 6, S, S)
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        return img
+
+    def mel_tensor(self, mels: np.ndarray) -> torch.Tensor:
+        """(B, 80, 16) float32 mel windows -> (B, 1, 80, 16)."""
+        return torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32))[:, None].to(self.device, self.dtype)
+
+    # ---- the two halves of the forward pass -------------------------------------------------------
+    def encode_faces(self, faces: np.ndarray) -> FaceFeatures:
+        """What the generator computes from the face alone: the face encoder's skip features, one
+        (B, C_l, H_l, W_l) tensor per level, for (B, S, S, 3) uint8 BGR crops."""
+        feats = []
+        with torch.inference_mode():
+            f = self.face_tensor(faces)
+            for block in self.model.face_encoder_blocks:
+                f = block(f)
+                feats.append(f)
+        return feats
+
+    def decode(self, mels: np.ndarray, feats: FaceFeatures) -> np.ndarray:
+        """(B, 80, 16) mel windows + face features -> (B, S, S, 3) uint8 BGR faces
+        (the published ``(pred * 255).astype(uint8)``)."""
+        with torch.inference_mode():
+            x = self.model.audio_encoder(self.mel_tensor(mels))
+            skips = list(feats)
+            for block in self.model.face_decoder_blocks:
+                x = block(x)
+                x = torch.cat((x, skips.pop()), dim=1)
+            x = self.model.output_block(x)  # (B, 3, S, S) in [0, 1]
+            return (x.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
+
+    # ---- batched calls with the tuned micro-batch ---------------------------------------------------
+    def generate(self, mels: np.ndarray, faces: np.ndarray, keys: Optional[Sequence] = None) -> np.ndarray:
+        """(B, 80, 16) mel windows + (B, S, S, 3) uint8 BGR crops -> (B, S, S, 3) uint8 BGR faces.
+
+        ``keys`` (one hashable per crop, e.g. (avatar key, source frame)) lets the face features of a
+        crop seen before come from :attr:`bank` instead of the face encoder. On the CPU the batch runs
+        in tuned micro-batches; one forward runs at a time (threads are process-wide).
+        """
+        n = len(mels)
+        if n == 0:
+            return np.zeros((0, self.img_size, self.img_size, 3), np.uint8)
+        out = []
+        k = 0
+        with self.lock:
+            while k < n:
+                threads, step = self._plan(n - k)
+                t0 = time.perf_counter()
+                part = slice(k, k + step)
+                feats = self._features(faces[part], None if keys is None else keys[part])
+                out.append(self.decode(mels[part], feats))
+                if self.tuner is not None and 2 * len(out[-1]) >= step:  # a short tail would read slow
+                    self.tuner.record((threads, step), len(out[-1]), time.perf_counter() - t0)
+                k += step
+        return np.concatenate(out)
+
+    def _features(self, faces: np.ndarray, keys: Optional[Sequence]) -> FaceFeatures:
+        if keys is None or self.bank is None:
+            return self.encode_faces(faces)
+        found = [self.bank.get(key) for key in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            fresh = self.encode_faces(faces[missing])
+            for row, i in enumerate(missing):
+                found[i] = [level[row] for level in fresh]
+                self.bank.put(keys[i], found[i])
+        return [torch.stack([f[level] for f in found]) for level in range(len(found[0]))]
+
+    def _plan(self, remaining: int) -> Tuple[int, int]:
+        if self.tuner is None:
+            return 0, remaining
+        threads, mb = self.tuner.choose()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return threads, mb
+
+    def tuning(self) -> str:
+        """The CPU threads / micro-batch in use (or the device) for the summary line."""
+        return self.tuner.summary() if self.tuner is not None else f"batch on {self.device}"
