@@ -157,6 +157,12 @@ def melspectrogram(wav: np.ndarray, hp: HParams = default_hparams) -> np.ndarray
         raise AudioError("melspectrogram got an empty signal")
     wav = np.nan_to_num(wav, nan=0.0, posinf=0.0, neginf=0.0)
     D = _stft(preemphasis(wav, hp.preemphasis, hp.preemphasize), hp)
+    return mel_of_stft(D, hp)
+
+
+def mel_of_stft(D: np.ndarray, hp: HParams = default_hparams) -> np.ndarray:
+    """(num_mels, T) float32 normalised mel spectrogram of a (n_fft // 2 + 1, T) STFT (the second
+    half of :func:`melspectrogram`; the streaming mel of :mod:`lipsync.streaming` shares it)."""
     mel = np.dot(_mel_basis(hp.sample_rate, hp.n_fft, hp.num_mels, hp.fmin, hp.fmax), np.abs(D))
     S = _amp_to_db(mel, hp) - hp.ref_level_db
     if hp.signal_normalization:
