@@ -110,8 +110,8 @@ def _generated_groups(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.
         items = list(itertools.islice(decoded, len(group)))
         if len(items) < len(group):
             raise RenderError("internal error: the face video ended before the audio")
-        with timings.measure("crop"):
-            idx = [k for k, (j, _) in enumerate(items) if avatar.box(j) is not None]
+        idx = [k for k, (j, _) in enumerate(items) if avatar.box(j) is not None]
+        with timings.measure("crop" if avatar.crops is None else "decode"):  # prepared crops: just a read
             crops = np.stack([avatar.crop(items[k][0], items[k][1]) for k in idx]) if idx else None
         faces: List[Optional[np.ndarray]] = [None] * len(items)
         if idx:
