@@ -1,0 +1,501 @@
+"""The real-time lip-sync server: HTTP API + WebSocket streaming over one loaded generator.
+
+``create_app(state)`` builds the FastAPI app; ``serve.py`` loads the generator, builds a
+:class:`ServerState` and runs it under uvicorn. The contract (README "Server"):
+
+- ``GET /healthz`` -> 200 JSON.
+- ``POST /v1/avatars`` (multipart ``file``, optional ``box`` "top bottom left right", ``fps``) ->
+  201 ``{"avatar_id", "frames", "fps", "width", "height", ...}``; ``GET /v1/avatars``,
+  ``GET /v1/avatars/{id}``, ``DELETE /v1/avatars/{id}`` (204; 409 while a session uses it).
+- ``POST /v1/lipsync`` (multipart ``avatar_id`` or ``face`` file, and ``audio`` file) -> video/mp4,
+  what ``inference.py`` writes for that face and audio.
+- WebSocket ``/v1/stream?avatar_id=ID``: see :mod:`lipsync.sessions`.
+- ``/``: the web page (``lipsync/web/index.html``), ``/web/...``: its other files.
+
+Errors are JSON ``{"detail": message}``: 401 without the token (when the server has one), 404 for
+an unknown avatar id, 409 deleting an avatar in use, 413 for an upload over ``max_upload_mb``
+(nothing is kept), 415 for a file that is not the media asked for (judged by its content, not its
+name), 422 for a missing or malformed field or a face/audio the engine cannot use, 503 beyond
+``max_sessions``. A WebSocket refused before it opens gets the same status codes as an HTTP
+response to its handshake.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.background import BackgroundTask
+from starlette.staticfiles import StaticFiles
+
+from lipsync.avatar import NO_BOX, Avatar, AvatarSettings
+from lipsync.avatar_store import AvatarInUse, AvatarNotFound, AvatarStore
+from lipsync.batching import Batcher
+from lipsync.errors import Wav2LipError
+from lipsync.generator import Generator
+from lipsync.sessions import CLOSE_GOING_AWAY, FrameSink, IdleFrames, StreamOptions, StreamSession
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+UPLOAD_CHUNK = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    """What the server was started with (``serve.py`` flags of the same names)."""
+
+    avatars_dir: str = "avatars"
+    token: Optional[str] = None
+    max_sessions: int = 8
+    max_upload_mb: float = 200.0
+    face_detector: str = "sfd"
+    s3fd_path: Optional[str] = None
+    max_batch: int = 64
+    batch_wait_ms: float = 10.0
+    hold_mb: float = 1024.0
+    stream: StreamOptions = field(default_factory=StreamOptions)
+
+
+class ApiError(Exception):
+    """An HTTP error response: ``status`` and the message for ``{"detail": ...}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ServerState:
+    """Everything the app serves from: the generator, the avatars, the batcher, the sessions.
+
+    ``frame_sink(session_id, index, frame)``: receives every streamed and /v1/lipsync frame before
+    encoding (a test hook; /v1/lipsync frames come with the id ``"lipsync-<n>"``).
+    """
+
+    def __init__(self, generator: Generator, config: ServerConfig, frame_sink: Optional[FrameSink] = None):
+        self.generator = generator
+        self.config = config
+        self.frame_sink = frame_sink
+        self.store = AvatarStore(config.avatars_dir, generator.img_size, hold_mb=config.hold_mb,
+                                 on_unload=self._forget_faces)
+        self.sessions: Dict[str, Optional[StreamSession]] = {}  # None: a /v1/lipsync job
+        self.lock = threading.Lock()
+        self.idle = IdleFrames(config.stream.jpeg_quality)
+        self.batcher = Batcher(generator, max_batch=config.max_batch, max_wait=config.batch_wait_ms / 1000.0,
+                               busy=self._busy)
+        self.preparing = threading.Semaphore(1)  # face detection competes with generation: one at a time
+        self.closing = False
+
+    # ---- sessions ---------------------------------------------------------------------------------
+    def _busy(self) -> set:
+        with self.lock:
+            return {sid for sid, s in self.sessions.items() if s is not None and s.in_flight()}
+
+    def reserve(self, kind: str) -> str:
+        """A session slot (a stream or a /v1/lipsync job); ApiError 503 when all are taken."""
+        with self.lock:
+            if self.closing:
+                raise ApiError(503, "the server is shutting down")
+            if len(self.sessions) >= self.config.max_sessions:
+                raise ApiError(503, f"all {self.config.max_sessions} sessions are in use; try again later")
+            sid = f"{kind}-{uuid.uuid4().hex[:12]}"
+            self.sessions[sid] = None
+            return sid
+
+    def release(self, sid: str) -> None:
+        with self.lock:
+            self.sessions.pop(sid, None)
+
+    def _forget_faces(self, avatar: Avatar) -> None:
+        bank = self.generator.bank
+        if bank is not None:
+            with self.generator.lock:
+                bank.forget(avatar.key)
+
+    async def end_streams(self, grace: float = 5.0) -> None:
+        """Refuse new sessions and end running streams with an error message (``{"type": "error"}``,
+        close code 1001), waiting up to ``grace`` seconds for them to go."""
+        with self.lock:
+            self.closing = True
+            running = [s for s in self.sessions.values() if s is not None]
+        for s in running:
+            if s.loop is not None and s.outbox is not None:
+                with contextlib.suppress(RuntimeError):  # that session's loop is already closed
+                    s.loop.call_soon_threadsafe(s.fail, "the server is shutting down", CLOSE_GOING_AWAY)
+        waited = 0.0
+        while waited < grace and any(s is not None for s in self.sessions.values()):
+            await asyncio.sleep(0.05)
+            waited += 0.05
+
+    async def close(self, grace: float = 5.0, prepare_grace: float = 60.0) -> None:
+        """Shutdown, after the HTTP server stopped: end streams, let an avatar being prepared finish
+        (up to ``prepare_grace`` seconds), stop the batcher, remove unfinished uploads and saves."""
+        await self.end_streams(grace)
+        if await asyncio.to_thread(self.preparing.acquire, True, prepare_grace):
+            self.preparing.release()
+        await asyncio.to_thread(self.batcher.close)
+        self.store.cleanup()
+
+    def health(self) -> dict:
+        g = self.generator
+        with self.lock:
+            streams = sum(1 for s in self.sessions.values() if s is not None)
+            jobs = len(self.sessions) - streams
+        return {"status": "shutting down" if self.closing else "ok", "model": g.describe(), "img_size": g.img_size,
+                "device": str(g.device), "precision": g.precision,
+                "sessions": {"streams": streams, "lipsync_jobs": jobs, "max": self.config.max_sessions},
+                "avatars": len(self.store.ids()), "batches": self.batcher.stats.as_dict(),
+                "auth": self.config.token is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Token
+# ------------------------------------------------------------------------------------------------
+def token_of(scope) -> Optional[str]:
+    """The token a request carries: ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``."""
+    from urllib.parse import parse_qs
+
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            text = value.decode("latin-1").strip()
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+    return values[0] if values else None
+
+
+class TokenAuth:
+    """ASGI middleware: with a token, every HTTP request and WebSocket handshake must carry it, else 401."""
+
+    def __init__(self, app, token: Optional[str]):
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope, receive, send):
+        if self.token is None or scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        given = token_of(scope)
+        if given is not None and secrets.compare_digest(given.encode(), self.token.encode()):
+            return await self.app(scope, receive, send)
+        message = ("this server needs a token: send 'Authorization: Bearer TOKEN' or add ?token=TOKEN"
+                   if given is None else "wrong token")
+        if scope["type"] == "websocket":
+            return await deny(WebSocket(scope, receive, send), 401, message)
+        response = JSONResponse({"detail": message}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+async def deny(ws, status: int, message: str) -> None:
+    """Refuse a WebSocket handshake with an HTTP ``status`` and ``{"detail": message}`` (or, on a server
+    without the denial-response extension, accept it, send ``{"type": "error"}`` and close)."""
+    import json
+
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    try:
+        await ws.send_denial_response(JSONResponse({"detail": message}, status_code=status, headers=headers))
+    except RuntimeError:
+        await ws.accept()
+        await ws.send_text(json.dumps({"type": "error", "message": message, "status": status}))
+        await ws.close(1008)
+
+
+# ------------------------------------------------------------------------------------------------
+# Uploads
+# ------------------------------------------------------------------------------------------------
+class _TooLarge(Exception):
+    pass
+
+
+async def read_form(request, limit_bytes: int):
+    """The multipart form of ``request``, refusing (ApiError 413) a body over ``limit_bytes``: by its
+    Content-Length before reading anything, else as soon as the bytes received pass the limit.
+    Uploaded files stay in Starlette's anonymous temporary files, so a refusal keeps nothing."""
+    mb = limit_bytes / 2 ** 20
+    too_large = ApiError(413, f"the upload is larger than this server's limit of {mb:g} MB (--max_upload_mb)")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit_bytes:
+        raise too_large
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit_bytes:
+                raise _TooLarge()
+        return message
+
+    try:
+        return await Request(request.scope, receive).form(max_files=4, max_fields=16)
+    except _TooLarge:
+        raise too_large from None
+
+
+def media_kind(path: str) -> Optional[str]:
+    """What a file is by its content: "image", "video" (a video stream, with or without audio),
+    "audio", or None (not media ffmpeg reads)."""
+    from lipsync.media import MediaError, image_signature, probe_media
+
+    with open(path, "rb") as fh:
+        if image_signature(fh.read(32)):
+            return "image"
+    try:
+        info = probe_media(path)
+    except (MediaError, OSError):
+        return None
+    if info.video is not None:
+        return "video"
+    if info.audio is not None:
+        return "audio"
+    return None
+
+
+async def save_upload(upload, folder: str, name: str) -> str:
+    """Copy an uploaded file into ``folder/name`` (a name the server chose); returns the path."""
+    path = os.path.join(folder, name)
+
+    def copy():
+        upload.file.seek(0)
+        with open(path, "wb") as out:
+            shutil.copyfileobj(upload.file, out, UPLOAD_CHUNK)
+
+    await asyncio.to_thread(copy)
+    return path
+
+
+def parse_box(text: Optional[str]) -> Tuple[int, int, int, int]:
+    """The ``box`` form field, "top bottom left right" pixels -> a tuple; ApiError 422 when malformed."""
+    if text is None or not str(text).strip():
+        return NO_BOX
+    parts = str(text).replace(",", " ").split()
+    try:
+        box = tuple(int(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ApiError(422, f"box must be four integers 'top bottom left right' (pixels), got {text!r}")
+    return box  # type: ignore[return-value]
+
+
+def parse_fps(text: Optional[str]) -> float:
+    """The ``fps`` form field (frames/s of a photo avatar, default 25); ApiError 422 when not a
+    positive number."""
+    if text is None or not str(text).strip():
+        return 25.0
+    try:
+        fps = float(text)
+    except ValueError:
+        fps = float("nan")
+    if not 0 < fps <= 240:
+        raise ApiError(422, f"fps must be a number of frames per second in (0, 240], got {text!r}")
+    return fps
+
+
+def _field(form, name: str) -> Optional[str]:
+    value = form.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(422, f"form field {name!r} must be text, not a file")
+    return value
+
+
+def _file(form, name: str):
+    value = form.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise ApiError(422, f"form field {name!r} must be a file upload")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------------
+def create_app(state: ServerState):
+    """The FastAPI app serving ``state`` (closed with the app's lifespan)."""
+    from lipsync.inference import InferenceConfig
+
+    config = state.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.store.cleanup()
+        yield
+        await state.close()
+
+    app = FastAPI(title="wav2lip server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TokenAuth, token=config.token)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(AvatarNotFound)
+    async def not_found(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(AvatarInUse)
+    async def in_use(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(Wav2LipError)
+    async def unusable(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    def settings_for(face: str, box: Tuple[int, ...], fps: float) -> AvatarSettings:
+        """The avatar settings inference.py uses for these flags (same defaults)."""
+        return InferenceConfig(checkpoint_path=state.generator.checkpoint_path, face=face, audio="", box=box, fps=fps,
+                               face_detector=config.face_detector, s3fd_path=config.s3fd_path).avatar_settings()
+
+    def limit_bytes() -> int:
+        return int(config.max_upload_mb * 2 ** 20)
+
+    async def staged_face(form, staging: str) -> Tuple[str, str]:
+        upload = _file(form, "face") if "face" in form else _file(form, "file")
+        if upload is None:
+            raise ApiError(422, "missing the face: a multipart file field 'file' (a video or photo)")
+        path = await save_upload(upload, staging, "face")
+        kind = await asyncio.to_thread(media_kind, path)
+        if kind not in ("image", "video"):
+            raise ApiError(415, f"the uploaded face {upload.filename!r} is not a video or photo this server can read "
+                                f"(judged by its content{'; it is audio' if kind == 'audio' else ''})")
+        return path, kind
+
+    # ---- routes -------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz():
+        return state.health()
+
+    @app.get("/")
+    async def page():
+        index = os.path.join(WEB_DIR, "index.html")
+        if not os.path.isfile(index):
+            raise ApiError(404, "the web page is not installed (lipsync/web/index.html)")
+        return FileResponse(index, media_type="text/html")
+
+    if os.path.isdir(WEB_DIR):
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/v1/avatars")
+    async def list_avatars():
+        return {"avatars": await asyncio.to_thread(state.store.list)}
+
+    @app.get("/v1/avatars/{avatar_id}")
+    async def get_avatar(avatar_id: str):
+        return await asyncio.to_thread(state.store.info, avatar_id)
+
+    @app.delete("/v1/avatars/{avatar_id}", status_code=204)
+    async def delete_avatar(avatar_id: str):
+        await asyncio.to_thread(state.store.delete, avatar_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/avatars", status_code=201)
+    async def create_avatar(request: Request):
+        form = await read_form(request, limit_bytes())
+        staging = state.store.staging_dir()
+        try:
+            box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
+            path, kind = await staged_face(form, staging)
+            settings = settings_for(path, box, fps)
+
+            def prepare():
+                with state.preparing:
+                    return state.store.create(path, settings, state.generator.device, kind=kind)
+
+            return JSONResponse(await asyncio.to_thread(prepare), status_code=201)
+        finally:
+            await form.close()
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @app.post("/v1/lipsync")
+    async def lipsync(request: Request):
+        from lipsync.inference import run_inference
+
+        sid = state.reserve("lipsync")
+        staging = None
+        try:
+            form = await read_form(request, limit_bytes())
+            staging = state.store.staging_dir()
+            try:
+                avatar_id = _field(form, "avatar_id")
+                has_face = "face" in form or "file" in form
+                if (avatar_id is None) == (not has_face):
+                    raise ApiError(422, "give the face as 'avatar_id' (a prepared avatar) or a 'face' file, one of them")
+                audio_upload = _file(form, "audio")
+                if audio_upload is None:
+                    raise ApiError(422, "missing the speech: a multipart file field 'audio'")
+                folder = face = None
+                if avatar_id is not None:
+                    folder = state.store.folder(avatar_id)
+                else:
+                    face, _ = await staged_face(form, staging)
+                box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
+                audio_path = await save_upload(audio_upload, staging, "audio")
+                if await asyncio.to_thread(media_kind, audio_path) not in ("audio", "video"):
+                    raise ApiError(415, f"the uploaded audio {audio_upload.filename!r} is not audio this server can "
+                                        "read (judged by its content)")
+            finally:
+                await form.close()
+            outfile = os.path.join(staging, "lipsync.mp4")
+            cfg = InferenceConfig(checkpoint_path=state.generator.checkpoint_path, face=face, avatar=folder,
+                                  audio=audio_path, outfile=outfile, box=box if face else NO_BOX, fps=fps,
+                                  face_detector=config.face_detector, s3fd_path=config.s3fd_path, det_cache_dir="",
+                                  progress=False)
+            sink = None
+            if state.frame_sink is not None:
+                sink = lambda i, frame: state.frame_sink(sid, i, frame)  # noqa: E731
+            await asyncio.to_thread(run_inference, cfg, sink, state.generator)
+        except BaseException:
+            state.release(sid)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        state.release(sid)
+        return FileResponse(outfile, media_type="video/mp4", filename="lipsync.mp4",
+                            background=BackgroundTask(shutil.rmtree, staging, True))
+
+    @app.websocket("/v1/stream")
+    async def stream(ws: WebSocket):
+        avatar_id = ws.query_params.get("avatar_id")
+        if not avatar_id:
+            return await deny(ws, 422, "give the avatar: /v1/stream?avatar_id=ID")
+        try:
+            sid = state.reserve("stream")
+        except ApiError as exc:
+            return await deny(ws, exc.status, str(exc))
+        acquired = False
+        try:
+            try:
+                avatar = await asyncio.to_thread(state.store.acquire, avatar_id)
+                acquired = True
+            except AvatarNotFound as exc:
+                return await deny(ws, 404, str(exc))
+            except Wav2LipError as exc:
+                return await deny(ws, 422, f"avatar {avatar_id} cannot be used: {exc}")
+            session = StreamSession(sid, avatar, state.batcher.generate_for(sid), config.stream, state.idle,
+                                    state.frame_sink)
+            await ws.accept()
+            with state.lock:
+                state.sessions[sid] = session
+            await session.run(ws)
+        finally:
+            if acquired:
+                state.store.release(avatar_id)
+            state.release(sid)
+
+    return app
+
+
+__all__ = ["ApiError", "ServerConfig", "ServerState", "TokenAuth", "create_app", "media_kind", "parse_box",
+           "parse_fps", "read_form", "token_of"]

@@ -1,0 +1,458 @@
+"""One streaming session: PCM in over a WebSocket, lip-synced JPEG frames out, in order.
+
+The protocol (README "Streaming"): the client sends binary messages of 16 kHz mono signed 16-bit
+little-endian PCM and finally the text message ``{"type": "end"}``; the server sends, for each
+output frame ``i``, ``{"type": "frame", "index": i, "pts": i / fps}`` and then the frame as one
+binary JPEG; after the end ``{"type": "end", "frames": n, ...}``; a problem is ``{"type": "error",
+"message": ...}`` and a close.
+
+How a session runs:
+
+- The receiving coroutine turns each PCM message into mel windows as soon as they are final
+  (:class:`lipsync.streaming.FrameWindows`) and queues them for the render thread.
+- The render thread runs :func:`lipsync.engine.render_windows` (the one render path) on those
+  windows with a ``generate`` function that goes through the server's cross-session
+  :class:`lipsync.batching.Batcher`, encodes each frame as JPEG and posts it to the session's
+  :class:`Outbox`.
+- The sending coroutine writes the outbox to the socket.
+- While no audio arrives, an idle ticker sends ``{"type": "idle", ...}`` frames (see
+  :class:`IdleFrames`): the avatar keeps moving, the talk frames' numbering and count are untouched.
+
+Bounded everywhere: the outbox holds ``send_buffer`` frames (a slow reader loses the oldest idle,
+then the oldest talk frames, and is told how many at the end); a client that sends audio faster
+than it can be rendered is not read until the backlog is under ``max_pending`` frames (TCP
+pushes back); a message over ``max_message_bytes`` ends the session with an error.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable, Deque, List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+import audio
+from lipsync.avatar import Avatar
+from lipsync.engine import GenerateFn, render_windows
+from lipsync.errors import Wav2LipError
+from lipsync.frames import source_index
+from lipsync.pipeline import END, StageStopped
+from lipsync.streaming import FrameWindows, StreamError, pcm16_to_float
+
+log = logging.getLogger(__name__)
+
+SAMPLE_BYTES = 2                 # signed 16-bit PCM
+MAX_GROUP = 32                   # windows handed to the render path at once
+IDLE_SWING_S = 1.0               # idle frames wander at most this far (seconds of video) from the next talk frame
+MAX_TEXT_BYTES = 4096
+
+# WebSocket close codes (RFC 6455)
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001          # server shutting down
+CLOSE_UNSUPPORTED = 1003         # a message that is not PCM or a known JSON message
+CLOSE_POLICY = 1008              # no audio for too long
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How sessions run (``serve.py`` flags of the same names).
+
+    ``idle_grace``: seconds past the expected arrival of the next audio message (the last one's
+    arrival plus its duration) before idle frames start; negative: never send idle frames.
+    ``idle_timeout``: seconds without audio after which the session ends with an error.
+    ``send_buffer``: frames queued per session for a slow reader before the oldest are dropped.
+    ``max_pending``: frames of audio received but not yet rendered before the socket is no longer read.
+    ``max_message_bytes``: the largest PCM message accepted (default 1 s of audio).
+    """
+
+    blend: str = "feather"
+    loop: str = "repeat"
+    jpeg_quality: int = 80
+    idle_grace: float = 0.25
+    idle_timeout: float = 300.0
+    send_buffer: int = 50
+    max_pending: int = 100
+    max_message_bytes: int = audio.SAMPLE_RATE * SAMPLE_BYTES
+
+
+FrameSink = Callable[[str, int, np.ndarray], None]
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    """(H, W, 3) uint8 BGR -> JPEG bytes."""
+    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise Wav2LipError("internal error: JPEG encoding failed")
+    return buf.tobytes()
+
+
+# ------------------------------------------------------------------------------------------------
+class Outbox:
+    """What one session has to send, bounded: at most ``capacity`` frames wait (talk and idle).
+
+    Used from the event loop only (the render thread posts with ``loop.call_soon_threadsafe``).
+    When full, the oldest idle frame is dropped first, else the oldest talk frame; ``dropped``
+    counts the talk frames lost. Control messages (end, error) are never dropped.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, capacity)
+        self.items: Deque[tuple] = deque()
+        self.frames = 0
+        self.dropped = 0
+        self.dropped_idle = 0
+        self.event = asyncio.Event()
+
+    def put(self, item: tuple) -> None:
+        kind = item[0]
+        if kind in ("frame", "idle"):
+            if self.frames >= self.capacity and not self._drop_one(incoming=kind):
+                return
+            self.frames += 1
+        self.items.append(item)
+        self.event.set()
+
+    def _drop_one(self, incoming: str) -> bool:
+        """Make room for one frame; False when the incoming (idle) frame should be dropped instead."""
+        for kinds in (("idle",), ("frame",)):
+            for k, item in enumerate(self.items):
+                if item[0] in kinds:
+                    del self.items[k]
+                    self.frames -= 1
+                    if item[0] == "idle":
+                        self.dropped_idle += 1
+                    else:
+                        self.dropped += 1
+                    return True
+            if incoming == "idle":  # never push out a talk frame for an idle one
+                self.dropped_idle += 1
+                return False
+        return True
+
+    async def get(self) -> tuple:
+        while not self.items:
+            self.event.clear()
+            await self.event.wait()
+        item = self.items.popleft()
+        if item[0] in ("frame", "idle"):
+            self.frames -= 1
+        return item
+
+    def pending_frames(self) -> int:
+        return self.frames
+
+
+class IdleFrames:
+    """What an idle session shows: the avatar's own source frames (no generation), JPEG-encoded once
+    and shared by all sessions (at most ``max_items`` kept).
+
+    The ``m``-th idle frame of a pause that began before talk frame ``k`` shows the source frame of
+    talk position ``k + offset(m)``, where the offset goes 1, 2, ... up to about a second of video
+    and back to 0, and again: the face keeps moving as in its video, continuing from the last talk
+    frame, and when speech resumes at frame ``k`` the picture is at most that second away from
+    where the talk frames go on. A photo avatar idles on its photo.
+    """
+
+    def __init__(self, quality: int, max_items: int = 512):
+        self.quality = quality
+        self.max_items = max_items
+        self._cache: "OrderedDict[Tuple[str, int], bytes]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def offset(m: int, swing: int) -> int:
+        """Offset of the ``m``-th idle frame of a pause: 1, 2, ..., swing, swing - 1, ..., 0, 1, ..."""
+        if swing < 1:
+            return 0
+        p = (m + 1) % (2 * swing)
+        return p if p <= swing else 2 * swing - p
+
+    def source_of(self, avatar: Avatar, next_talk: int, m: int, loop: str) -> int:
+        """The source frame of the ``m``-th idle frame before talk frame ``next_talk``."""
+        n = avatar.n_frames or 1
+        swing = max(1, round(avatar.fps * IDLE_SWING_S))
+        return source_index(next_talk + self.offset(m, swing), n, loop)
+
+    def jpeg(self, avatar: Avatar, j: int) -> bytes:
+        """JPEG of source frame ``j`` (the first frame when the avatar's frames are not held in memory)."""
+        frames = avatar.frames
+        if frames is None:
+            j = -1
+        key = (avatar.key, j)
+        with self._lock:
+            data = self._cache.get(key)
+            if data is not None:
+                self._cache.move_to_end(key)
+                return data
+        frame = avatar.source.first_frame() if j < 0 else frames[j]
+        data = encode_jpeg(frame, self.quality)
+        with self._lock:
+            self._cache[key] = data
+            while len(self._cache) > self.max_items:
+                self._cache.popitem(last=False)
+        return data
+
+
+# ------------------------------------------------------------------------------------------------
+class SessionError(Exception):
+    """Ends a session with an error message to the client and a close code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class StreamSession:
+    """One WebSocket stream of ``avatar``; :meth:`run` serves it until the end, an error or the
+    client's departure, and always leaves the render thread stopped.
+
+    ``generate``: the session's generate function (its share of the batcher). ``frame_sink(sid, i,
+    frame)``: receives every talk frame before JPEG encoding (tests compare them with offline
+    frames). ``idle``: the server's shared :class:`IdleFrames`.
+    """
+
+    def __init__(self, sid: str, avatar: Avatar, generate: GenerateFn, options: StreamOptions, idle: IdleFrames,
+                 frame_sink: Optional[FrameSink] = None):
+        self.sid = sid
+        self.avatar = avatar
+        self.generate = generate
+        self.options = options
+        self.idle = idle
+        self.frame_sink = frame_sink
+        self.windows = FrameWindows(avatar.fps)
+        self.produced = 0                  # talk frames rendered (render thread)
+        self.sent = 0                      # talk frames written to the socket
+        self.idle_index = 0                # idle frames queued (their numbering)
+        self.idle_sent = 0
+        self.ended = False                 # the client sent {"type": "end"}
+        self.cancel = threading.Event()
+        self.outbox: Optional[Outbox] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.started = time.monotonic()
+        self.last_audio = self.started     # arrival of the last PCM message (monotonic seconds)
+        self.last_audio_s = 0.0            # its duration, seconds
+        self.ready_at: Deque[Tuple[int, float]] = deque()  # (talk frame, arrival of the audio that completed it)
+        self.latencies: List[float] = []   # seconds from that arrival to the frame being sent
+        self._groups: "queue.Queue" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._pause = 0                    # idle frames in the current pause
+
+    # ---- state other parts read -----------------------------------------------------------------
+    def in_flight(self) -> bool:
+        """Whether frames of this session wait for the generator (the batcher waits for such sessions)."""
+        return self.windows.frames > self.produced and not self.cancel.is_set()
+
+    # ---- the render thread ----------------------------------------------------------------------
+    def _window_groups(self):
+        while True:
+            group = self._groups.get()
+            if group is END or self.cancel.is_set():
+                return
+            yield group
+
+    def _post(self, item: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put, item)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody to tell
+            self.cancel.set()
+
+    def _render(self) -> None:
+        opts = self.options
+        try:
+            frames = render_windows(self.generate, self.avatar, self._window_groups(), n_out=None, loop=opts.loop,
+                                    blend=opts.blend, cache_faces=True)
+            try:
+                for i, frame in enumerate(frames):
+                    if self.cancel.is_set():
+                        return
+                    if self.frame_sink is not None:
+                        self.frame_sink(self.sid, i, frame)
+                    data = encode_jpeg(frame, opts.jpeg_quality)
+                    self.produced = i + 1
+                    self._post(("frame", i, data))
+            finally:
+                frames.close()
+            if not self.cancel.is_set():
+                self._post(("end", self.produced))
+        except (Wav2LipError, StageStopped) as exc:
+            self._post(("error", str(exc), CLOSE_INTERNAL))
+        except Exception as exc:  # noqa: BLE001 - a bug, but it must end this session, not the server
+            log.exception("session %s: render failed", self.sid)
+            self._post(("error", f"internal error: {type(exc).__name__}: {exc}", CLOSE_INTERNAL))
+
+    def _queue_windows(self, windows: np.ndarray, arrived: float) -> None:
+        first = self.windows.frames - len(windows)
+        self.ready_at.extend((first + k, arrived) for k in range(len(windows)))
+        for k in range(0, len(windows), MAX_GROUP):
+            self._groups.put(windows[k:k + MAX_GROUP])
+
+    # ---- the coroutines -------------------------------------------------------------------------
+    async def run(self, ws) -> None:
+        """Serve the accepted WebSocket ``ws`` (Starlette) until the stream is over."""
+        self.loop = asyncio.get_running_loop()
+        self.outbox = Outbox(self.options.send_buffer)
+        self._thread = threading.Thread(target=self._render, name=f"session-{self.sid}", daemon=True)
+        self._thread.start()
+        sender = asyncio.create_task(self._send(ws))
+        receiver = asyncio.create_task(self._receive(ws))
+        idler = asyncio.create_task(self._idle())
+        try:
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver in done and receiver.exception() is None and receiver.result() != "gone":
+                await sender          # the end, or an error, is on its way out
+        finally:
+            for task in (receiver, sender, idler):
+                task.cancel()
+            await asyncio.gather(receiver, sender, idler, return_exceptions=True)
+            self.stop()
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def stop(self) -> None:
+        """Stop rendering (idempotent): the render thread ends at its next frame."""
+        self.cancel.set()
+        self._groups.put(END)
+
+    def fail(self, message: str, code: int) -> None:
+        """End the session with an error (from the event loop)."""
+        self.stop()
+        self.outbox.put(("error", message, code))
+
+    async def _receive(self, ws) -> str:
+        """Read the client's messages; returns "end" (the client ended the stream), "error" (the
+        session is failing with a message), or "gone" (the client disconnected)."""
+        opts = self.options
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                self.stop()
+                return "gone"
+            try:
+                if msg.get("bytes") is not None:
+                    self._on_audio(msg["bytes"])
+                    while (self.windows.frames - self.produced > opts.max_pending and not self.cancel.is_set()):
+                        await asyncio.sleep(0.01)   # not reading: the client's sends wait (TCP pushes back)
+                elif msg.get("text") is not None:
+                    if self._on_text(msg["text"]):
+                        return "end"
+            except SessionError as exc:
+                self.fail(str(exc), exc.code)
+                return "error"
+
+    def _on_audio(self, data: bytes) -> None:
+        if self.ended:
+            raise SessionError("audio after {\"type\": \"end\"}", CLOSE_UNSUPPORTED)
+        if len(data) > self.options.max_message_bytes:
+            limit = self.options.max_message_bytes
+            raise SessionError(f"audio message of {len(data)} bytes is too large: at most {limit} bytes "
+                               f"({limit / SAMPLE_BYTES / audio.SAMPLE_RATE * 1000:.0f} ms of 16 kHz 16-bit mono PCM); "
+                               "send 10-500 ms per message", CLOSE_TOO_BIG)
+        try:
+            samples = pcm16_to_float(data)
+        except StreamError as exc:
+            raise SessionError(str(exc), CLOSE_UNSUPPORTED) from None
+        now = time.monotonic()
+        if samples.size:
+            self.last_audio, self.last_audio_s = now, samples.size / audio.SAMPLE_RATE
+        windows = self.windows.push(samples)
+        if len(windows):
+            self._queue_windows(windows, now)
+
+    def _on_text(self, text: str) -> bool:
+        """Handle a text message; True for the end of the stream."""
+        if len(text) > MAX_TEXT_BYTES:
+            raise SessionError(f"text message of {len(text)} characters is too large", CLOSE_TOO_BIG)
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            raise SessionError(f"text messages must be JSON, got {text[:60]!r}", CLOSE_UNSUPPORTED) from None
+        if not isinstance(msg, dict) or msg.get("type") != "end":
+            raise SessionError(f'unknown message {text[:60]!r}: the only text message is {{"type": "end"}}; audio '
+                               "goes in binary messages", CLOSE_UNSUPPORTED)
+        if self.ended:
+            return True
+        self.ended = True
+        try:
+            windows = self.windows.finish()
+        except StreamError as exc:
+            raise SessionError(str(exc), CLOSE_UNSUPPORTED) from None
+        if len(windows):
+            self._queue_windows(windows, time.monotonic())
+        self._groups.put(END)
+        return True
+
+    async def _send(self, ws) -> None:
+        fps = self.avatar.fps
+        while True:
+            item = await self.outbox.get()
+            kind = item[0]
+            if kind == "frame":
+                i, data = item[1], item[2]
+                await ws.send_text(json.dumps({"type": "frame", "index": i, "pts": round(i / fps, 6)}))
+                await ws.send_bytes(data)
+                self.sent += 1
+                while self.ready_at and self.ready_at[0][0] < i:   # frames dropped for a slow reader
+                    self.ready_at.popleft()
+                if self.ready_at and self.ready_at[0][0] == i:
+                    self.latencies.append(time.monotonic() - self.ready_at.popleft()[1])
+            elif kind == "idle":
+                await ws.send_text(json.dumps({"type": "idle", "index": item[1], "next_index": item[2]}))
+                await ws.send_bytes(item[3])
+                self.idle_sent += 1
+            elif kind == "end":
+                await ws.send_text(json.dumps({"type": "end", "frames": item[1], **self.stats()}))
+                await ws.close(CLOSE_NORMAL)
+                return
+            else:  # error
+                await ws.send_text(json.dumps({"type": "error", "message": item[1]}))
+                await ws.close(item[2])
+                return
+
+    def stats(self) -> dict:
+        """What the client is told at the end: frames sent and dropped, idle frames, latency (ms)
+        from the arrival of the audio a frame needed to the frame being sent (p50, p95, max)."""
+        lat = np.asarray(self.latencies) * 1000.0
+        out = {"sent": self.sent, "dropped": self.outbox.dropped if self.outbox else 0, "idle": self.idle_sent}
+        if lat.size:
+            out["latency_ms"] = {"p50": round(float(np.percentile(lat, 50)), 1),
+                                 "p95": round(float(np.percentile(lat, 95)), 1), "max": round(float(lat.max()), 1)}
+        return out
+
+    def _starved(self, now: float) -> bool:
+        """No audio for longer than expected, and every frame its audio allowed is out."""
+        opts = self.options
+        return (not self.ended and self.produced == self.windows.frames
+                and now > self.last_audio + self.last_audio_s + opts.idle_grace)
+
+    async def _idle(self) -> None:
+        opts = self.options
+        period = 1.0 / self.avatar.fps
+        tick = time.monotonic()
+        while not self.ended and not self.cancel.is_set():
+            tick += period
+            now = time.monotonic()
+            if tick < now - period:  # fell behind (a busy loop): skip, never burst
+                tick = now
+            await asyncio.sleep(max(0.0, tick - now))
+            now = time.monotonic()
+            if now - self.last_audio > opts.idle_timeout:
+                self.fail(f"no audio for {opts.idle_timeout:g} s: the session is closed", CLOSE_POLICY)
+                return
+            if opts.idle_grace < 0 or not self._starved(now):
+                self._pause = 0
+                continue
+            k = self.windows.frames
+            j = self.idle.source_of(self.avatar, k, self._pause, opts.loop)
+            data = await asyncio.to_thread(self.idle.jpeg, self.avatar, j)
+            if self._starved(time.monotonic()):
+                self.outbox.put(("idle", self.idle_index, k, data))
+                self.idle_index += 1
+                self._pause += 1

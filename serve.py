@@ -1,0 +1,174 @@
+"""Real-time lip-sync server: stream speech in, get the talking face out, many sessions at once.
+
+    python serve.py --checkpoint_path checkpoints/wav2lip_gan.pth            # http://127.0.0.1:8000/
+    python serve.py --checkpoint_path G.pth --host 0.0.0.0 --token SECRET    # reachable from other machines
+
+The model is loaded once; avatars uploaded to POST /v1/avatars are prepared once and kept under
+--avatars_dir (they survive restarts); WebSocket /v1/stream?avatar_id=ID turns 16 kHz PCM into
+lip-synced JPEG frames as the audio arrives, frames of concurrent sessions going through the
+generator together. The API and the streaming protocol are in the README ("Server").
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from face_detection import BACKENDS
+from lipsync.cli import DEVICE_HELP, HelpFormatter
+from lipsync.device import DEVICE_CHOICES
+from lipsync.errors import Wav2LipError
+
+TOKEN_ENV = "WAV2LIP_TOKEN"
+
+
+class ServeError(Wav2LipError, ValueError):
+    """A server flag that cannot work; the message says which."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--checkpoint_path", required=True, help="generator checkpoint (wav2lip.pth, wav2lip_gan.pth, or one trained "
+                                                 "here)")
+    add("--host", default="127.0.0.1", help="address to listen on; anything but a loopback address needs --token")
+    add("--port", type=int, default=8000, help="TCP port")
+    add("--avatars_dir", default="avatars", help="where prepared avatars are kept (one folder per avatar id)")
+    add("--token", default=os.environ.get(TOKEN_ENV),
+        help=f"require this token on every request (Authorization: Bearer TOKEN, or ?token=TOKEN); default: "
+             f"${TOKEN_ENV}, else none")
+    add("--max_sessions", type=int, default=8, help="streams plus /v1/lipsync jobs at once; more get 503")
+    add("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
+    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="generator precision: auto = bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp16 on CUDA, "
+             "else fp32")
+    add("--threads", type=int, default=None, help="CPU threads for the generator (None: chosen while running "
+                                                  "from measured speed)")
+    add("--face_detector", choices=BACKENDS, default="sfd",
+        help="detector for uploaded faces without a box: sfd (S3FD, needs s3fd.pth) or lbp (no download)")
+    add("--s3fd_path", default=None, help="S3FD weights (None: face_detection/detection/sfd/s3fd.pth)")
+    add("--max_upload_mb", type=float, default=200.0, help="largest request body (uploads), MB; larger get 413")
+    add("--max_batch", type=int, default=64, help="frames of all sessions per generator call")
+    add("--batch_wait_ms", type=float, default=10.0,
+        help="how long a generator call waits for other sessions' frames, ms (not at all when no other session "
+             "has frames in flight)")
+    add("--jpeg_quality", type=int, default=80, help="JPEG quality of streamed frames (1-100)")
+    add("--send_buffer", type=int, default=50,
+        help="frames queued per session for a slow reader; beyond it the oldest idle, then talk frames are dropped")
+    add("--idle_grace", type=float, default=0.25,
+        help="seconds past the expected next audio message before idle frames start (negative: no idle frames)")
+    add("--idle_timeout", type=float, default=300.0, help="a stream without audio for this many seconds is closed")
+    add("--hold_mb", type=float, default=1024.0, help="decoded frames of an avatar kept in memory up to this many "
+                                                      "MB (larger avatars are decoded per session)")
+    add("--shutdown_timeout", type=float, default=30.0,
+        help="on SIGTERM, seconds to let uploads and /v1/lipsync jobs in flight finish before they are cancelled")
+    add("--log_level", choices=("debug", "info", "warning", "error"), default="info", help="server log level")
+    return p
+
+
+def is_local(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): reachable from this machine only."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_args(args) -> None:
+    """Flag values that cannot work or are unsafe; raises ServeError naming the flag."""
+    if not is_local(args.host) and not args.token:
+        raise ServeError(f"--host {args.host} is reachable from other machines: give --token TOKEN (or set "
+                         f"${TOKEN_ENV}) so that only clients with the token can use the server")
+    if args.token is not None and len(args.token) < 8:
+        raise ServeError("--token must be at least 8 characters")
+    if not 0 < args.port < 65536:
+        raise ServeError(f"--port must be 1-65535, got {args.port}")
+    for name in ("max_sessions", "max_batch", "send_buffer"):
+        if getattr(args, name) < 1:
+            raise ServeError(f"--{name} must be >= 1")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise ServeError("--jpeg_quality must be 1-100")
+    if args.max_upload_mb <= 0 or args.batch_wait_ms < 0 or args.idle_timeout <= 0 or args.shutdown_timeout < 0:
+        raise ServeError("--max_upload_mb and --idle_timeout must be positive, --batch_wait_ms and "
+                         "--shutdown_timeout not negative")
+    if not os.path.isfile(args.checkpoint_path):
+        raise ServeError(f"--checkpoint_path not found: {args.checkpoint_path!r}")
+
+
+def browser_url(host: str, port: int, token: bool) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/" + ("?token=YOUR_TOKEN" if token else "")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from lipsync.errors import run_main
+
+    return run_main(_serve, args)
+
+
+def _serve(args) -> int:
+    check_args(args)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
+    import uvicorn
+
+    from lipsync.generator import Generator
+    from lipsync.server import ServerConfig, ServerState, create_app
+    from lipsync.sessions import StreamOptions
+
+    generator = Generator(args.checkpoint_path, device=args.device, precision=args.precision, threads=args.threads)
+    options = StreamOptions(jpeg_quality=args.jpeg_quality, idle_grace=args.idle_grace,
+                            idle_timeout=args.idle_timeout, send_buffer=args.send_buffer)
+    config = ServerConfig(avatars_dir=args.avatars_dir, token=args.token, max_sessions=args.max_sessions,
+                          max_upload_mb=args.max_upload_mb, face_detector=args.face_detector,
+                          s3fd_path=args.s3fd_path, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                          hold_mb=args.hold_mb, stream=options)
+    state = ServerState(generator, config)
+    if args.face_detector == "sfd":
+        from face_detection import DEFAULT_S3FD_PATH
+
+        weights = args.s3fd_path or DEFAULT_S3FD_PATH
+        if not os.path.isfile(weights):
+            logging.warning("no S3FD weights at %s: uploads without a 'box' will fail until they are there "
+                            "(or restart with --face_detector lbp)", weights)
+    app = create_app(state)
+    uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws_max_size=1 << 20,
+                        timeout_graceful_shutdown=int(round(args.shutdown_timeout)), server_header=False)
+    server = _Server(uv, state)
+    n = len(state.store.ids())
+    print(f"wav2lip server: {generator.describe()}; {n} avatar(s) in {state.store.root}", flush=True)
+    print(f"open {browser_url(args.host, args.port, bool(args.token))} in a browser", flush=True)
+    server.run()
+    return 0 if server.started else 2
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which on SIGTERM / Ctrl-C first ends running streams with an error message
+        (uvicorn itself would drop them with close code 1012), then shuts down as usual."""
+
+        def __init__(self, config, state):
+            super().__init__(config)
+            self.state = state
+
+        async def shutdown(self, sockets=None):
+            await self.state.end_streams()
+            await super().shutdown(sockets)
+
+    return Server
+
+
+def _Server(config, state):
+    return _server_class()(config, state)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
