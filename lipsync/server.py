@@ -241,23 +241,19 @@ async def read_form(request, limit_bytes: int):
         raise too_large from None
 
 
-def media_kind(path: str) -> Optional[str]:
-    """What a file is by its content: "image", "video" (a video stream, with or without audio),
-    "audio", or None (not media ffmpeg reads)."""
+def media_kinds(path: str) -> set:
+    """What a file holds, judged by its content (not its name): {"image"} for a still photo, else
+    the streams ffmpeg finds, a subset of {"video", "audio"} (empty: not media ffmpeg reads)."""
     from lipsync.media import MediaError, image_signature, probe_media
 
     with open(path, "rb") as fh:
         if image_signature(fh.read(32)):
-            return "image"
+            return {"image"}
     try:
         info = probe_media(path)
     except (MediaError, OSError):
-        return None
-    if info.video is not None:
-        return "video"
-    if info.audio is not None:
-        return "audio"
-    return None
+        return set()
+    return {kind for kind, stream in (("video", info.video), ("audio", info.audio)) if stream is not None}
 
 
 async def save_upload(upload, folder: str, name: str) -> str:
@@ -366,11 +362,11 @@ def create_app(state: ServerState):
         if upload is None:
             raise ApiError(422, "missing the face: a multipart file field 'file' (a video or photo)")
         path = await save_upload(upload, staging, "face")
-        kind = await asyncio.to_thread(media_kind, path)
-        if kind not in ("image", "video"):
+        kinds = await asyncio.to_thread(media_kinds, path)
+        if not kinds & {"image", "video"}:
             raise ApiError(415, f"the uploaded face {upload.filename!r} is not a video or photo this server can read "
-                                f"(judged by its content{'; it is audio' if kind == 'audio' else ''})")
-        return path, kind
+                                f"(judged by its content{'; it is audio' if kinds else ''})")
+        return path, "image" if "image" in kinds else "video"
 
     # ---- routes -------------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -442,9 +438,9 @@ def create_app(state: ServerState):
                     face, _ = await staged_face(form, staging)
                 box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
                 audio_path = await save_upload(audio_upload, staging, "audio")
-                if await asyncio.to_thread(media_kind, audio_path) not in ("audio", "video"):
+                if "audio" not in await asyncio.to_thread(media_kinds, audio_path):
                     raise ApiError(415, f"the uploaded audio {audio_upload.filename!r} is not audio this server can "
-                                        "read (judged by its content)")
+                                        "read (judged by its content: no audio stream)")
             finally:
                 await form.close()
             outfile = os.path.join(staging, "lipsync.mp4")
@@ -497,5 +493,5 @@ def create_app(state: ServerState):
     return app
 
 
-__all__ = ["ApiError", "ServerConfig", "ServerState", "TokenAuth", "create_app", "media_kind", "parse_box",
+__all__ = ["ApiError", "ServerConfig", "ServerState", "TokenAuth", "create_app", "media_kinds", "parse_box",
            "parse_fps", "read_form", "token_of"]

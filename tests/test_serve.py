@@ -1,0 +1,473 @@
+"""The server's API contract through FastAPI's TestClient (in-process): every endpoint and error
+code, streamed frames equal to offline ones, idle frames, bad messages, the batcher and the
+per-session queue. tests/test_serve_process.py runs a real serve.py for the rest."""
+import json
+import os
+import shutil
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import audio
+from conftest import REFERENCE
+from lipsync.avatar import load_avatar
+from lipsync.engine import render
+from lipsync.generator import Generator
+from lipsync.inference import InferenceConfig, run_inference
+from lipsync.video import count_frames, probe_video
+from media import astronaut, make_face_video, tone_wav
+from models import Wav2Lip
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from starlette.testclient import WebSocketDenialResponse  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+
+from lipsync.batching import Batcher, BatcherClosed  # noqa: E402
+from lipsync.server import ServerConfig, ServerState, create_app  # noqa: E402
+from lipsync.sessions import IdleFrames, Outbox, StreamOptions  # noqa: E402
+
+WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
+BOX = "40 200 60 196"  # top bottom left right: the astronaut's face at 256x256
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    ckpt = str(d / "wav2lip_tiny.pth")
+    torch.save({"state_dict": Wav2Lip(img_size=96, width=0.25).eval().state_dict()}, ckpt)
+    # micro_batch=1: every frame runs alone, so frames do not depend on how they were batched and the
+    # streamed frames can be compared with the offline ones bit for bit
+    generator = Generator(ckpt, device="cpu", precision="fp32", micro_batch=1)
+    photo = str(d / "photo.mp4")  # a PNG whatever its name says
+    cv2.imwrite(str(d / "photo.png"), astronaut())
+    shutil.copy(d / "photo.png", photo)
+    text = d / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    wav = np.round(np.clip(audio.load_wav(WAV), -1, 1) * 32767).astype("<i2")
+    return {"dir": d, "ckpt": ckpt, "gen": generator, "video": make_face_video(d / "face.mp4", 20),
+            "photo": photo, "text": str(text), "tone": tone_wav(d / "tone.wav", 0.5),
+            "pcm": wav[:int(0.6 * 16000)]}  # 0.6 s: 15 frames at 25 fps
+
+
+class Frames:
+    """frame_sink that keeps every frame by session."""
+
+    def __init__(self):
+        self.by_session = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, sid, i, frame):
+        with self.lock:
+            self.by_session.setdefault(sid, {})[i] = frame.copy()
+
+    def of(self, sid):
+        got = self.by_session[sid]
+        return [got[i] for i in range(len(got))]
+
+
+def make_client(media, tmp_path, sink=None, **config):
+    stream = config.pop("stream", StreamOptions())
+    cfg = ServerConfig(avatars_dir=str(tmp_path / "avatars"), face_detector="lbp", stream=stream, **config)
+    return TestClient(create_app(ServerState(media["gen"], cfg, frame_sink=sink)))
+
+
+def upload(client, path, name="face.mp4", headers=None, **fields):
+    with open(path, "rb") as fh:
+        return client.post("/v1/avatars", files={"file": (name, fh)}, data=fields, headers=headers)
+
+
+def read_stream(ws):
+    """Messages until the end or an error: (talk frames [(header, jpeg)], idle [(header, jpeg)], last
+    message, close code)."""
+    frames, idle, last = [], [], None
+    try:
+        while True:
+            header = ws.receive_json()
+            if header["type"] in ("frame", "idle"):
+                (frames if header["type"] == "frame" else idle).append((header, ws.receive_bytes()))
+                continue
+            last = header
+            break
+        ws.receive_text()  # the close
+    except WebSocketDisconnect as exc:
+        return frames, idle, last, exc.code
+    raise AssertionError("the server sent something after its last message")
+
+
+def refused(client, url):
+    """The HTTP status with which the WebSocket handshake to ``url`` is refused."""
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with client.websocket_connect(url):
+            pass
+    return denied.value.status_code
+
+
+def stream_pcm(ws, pcm, chunk_ms):
+    step = max(1, int(round(16 * chunk_ms)))
+    for k in range(0, len(pcm), step):
+        ws.send_bytes(pcm[k:k + step].tobytes())
+    ws.send_text(json.dumps({"type": "end"}))
+
+
+@pytest.fixture(scope="module")
+def served(media, tmp_path_factory):
+    """One server with an avatar from the face video (box given) for the stream tests."""
+    tmp = tmp_path_factory.mktemp("served")
+    sink = Frames()
+    with make_client(media, tmp, sink=sink) as client:
+        r = upload(client, media["video"], box=BOX)
+        assert r.status_code == 201, r.text
+        avatar_id = r.json()["avatar_id"]
+        yield client, avatar_id, sink, str(tmp / "avatars" / avatar_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP API
+# ---------------------------------------------------------------------------------------------
+def test_health_and_page(media, tmp_path):
+    with make_client(media, tmp_path) as client:
+        r = client.get("/healthz")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["status"] == "ok" and body["img_size"] == 96 and body["sessions"]["max"] == 8
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+def test_avatar_lifecycle(media, tmp_path):
+    """Create (video with a box; a photo judged by content with its fps; a video with detection),
+    list, get, delete; the folder is what load_avatar reads."""
+    with make_client(media, tmp_path) as client:
+        r = upload(client, media["video"], name="clip.bin", box=BOX)
+        assert r.status_code == 201, r.text
+        video = r.json()
+        assert {k: video[k] for k in ("frames", "fps", "width", "height")} == \
+            {"frames": 20, "fps": 25.0, "width": 256, "height": 256}
+        photo = upload(client, media["photo"], name="photo.mp4", fps="30").json()
+        assert photo["frames"] == 1 and photo["fps"] == 30.0 and photo["source_kind"] == "image"
+        detected = upload(client, media["video"])  # lbp detection
+        assert detected.status_code == 201, detected.text
+        ids = {a["avatar_id"] for a in client.get("/v1/avatars").json()["avatars"]}
+        assert ids == {video["avatar_id"], photo["avatar_id"], detected.json()["avatar_id"]}
+        assert client.get(f"/v1/avatars/{video['avatar_id']}").json() == video
+        load_avatar(str(tmp_path / "avatars" / video["avatar_id"]), 96)  # complete and checked
+        assert client.delete(f"/v1/avatars/{video['avatar_id']}").status_code == 204
+        assert client.get(f"/v1/avatars/{video['avatar_id']}").status_code == 404
+        assert client.delete(f"/v1/avatars/{video['avatar_id']}").status_code == 404
+        assert sorted(os.listdir(tmp_path / "avatars")) == sorted([".staging", photo["avatar_id"],
+                                                                    detected.json()["avatar_id"]])
+        assert os.listdir(tmp_path / "avatars" / ".staging") == []  # each request's uploads are gone
+
+
+def test_ids_that_the_server_did_not_make_are_404(media, tmp_path):
+    """../.., absolute paths, other names: 404 everywhere, even when a folder of that name exists."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "avatar.json").write_text("{}")
+    with make_client(media, tmp_path) as client:
+        bad = ["..%2F..", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "..", str(outside).replace("/", "%2F"),
+               "ABCDEF0123456789", "0123456789abcdef"]
+        for avatar_id in bad:
+            assert client.get(f"/v1/avatars/{avatar_id}").status_code == 404, avatar_id
+            assert client.delete(f"/v1/avatars/{avatar_id}").status_code == 404, avatar_id
+        for avatar_id in ["../..", str(outside), "../outside", "0123456789abcdef"]:
+            assert refused(client, f"/v1/stream?avatar_id={avatar_id}") == 404
+            with open(media["tone"], "rb") as fh:
+                r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("a.wav", fh)})
+            assert r.status_code == 404, avatar_id
+        assert (outside / "avatar.json").exists()
+
+
+def test_uploads_over_the_limit_are_413_and_nothing_is_kept(media, tmp_path):
+    """By Content-Length, and for a chunked upload (no length) as soon as the limit is passed."""
+    big = tmp_path / "big.mp4"
+    big.write_bytes(os.urandom(300_000))
+    with make_client(media, tmp_path, max_upload_mb=0.1) as client:
+        assert upload(client, str(big)).status_code == 413
+        boundary = "xyzzy"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp4\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+        def chunked():
+            yield head
+            for _ in range(30):
+                yield os.urandom(10_000)
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        r = client.post("/v1/avatars", content=chunked(),
+                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 413
+        with open(media["tone"], "rb") as a, open(str(big), "rb") as f:
+            r = client.post("/v1/lipsync", files={"audio": ("a.wav", a), "face": ("f.mp4", f)})
+        assert r.status_code == 413
+        assert client.get("/v1/avatars").json()["avatars"] == []
+        leftovers = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "avatars") for f in files]
+        assert leftovers == []
+
+
+def test_file_types_are_judged_by_content(media, tmp_path):
+    """415 for a text file named .mp4, for speech given as a face and for a video given as audio
+    that has no sound; 422 for missing or malformed fields."""
+    with make_client(media, tmp_path) as client:
+        r = upload(client, media["text"], name="face.mp4")
+        assert r.status_code == 415 and "not a video or photo" in r.json()["detail"]
+        assert upload(client, media["tone"], name="face.mp4").status_code == 415
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with open(media["text"], "rb") as fh:
+            r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("speech.wav", fh)})
+        assert r.status_code == 415 and "not audio" in r.json()["detail"]
+        with open(media["video"], "rb") as fh:  # a video without an audio track
+            r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("speech.wav", fh)})
+        assert r.status_code == 415
+
+        assert client.post("/v1/avatars", data={"box": BOX}).status_code == 422
+        assert upload(client, media["video"], box="1 2 3").status_code == 422
+        assert upload(client, media["video"], box="10 0 0 10").status_code == 422  # empty box: the engine's message
+        assert upload(client, media["photo"], fps="abc").status_code == 422
+        assert upload(client, media["photo"], fps="-5").status_code == 422
+        with open(media["tone"], "rb") as a, open(media["video"], "rb") as f:
+            both = client.post("/v1/lipsync", data={"avatar_id": avatar_id},
+                               files={"audio": ("a.wav", a), "face": ("f.mp4", f)})
+        assert both.status_code == 422
+        assert client.post("/v1/lipsync", data={"avatar_id": avatar_id}).status_code == 422
+        with open(media["tone"], "rb") as a:
+            assert client.post("/v1/lipsync", files={"audio": ("a.wav", a)}).status_code == 422
+        assert client.get("/healthz").status_code == 200
+
+
+def test_lipsync_is_what_inference_writes(media, tmp_path):
+    """POST /v1/lipsync (avatar_id, or a face file with a box) returns the mp4 of inference.py's
+    frames for that face and audio."""
+    sink = Frames()
+    with make_client(media, tmp_path, sink=sink) as client:
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with open(media["tone"], "rb") as a:
+            r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("speech.wav", a)})
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+        out = tmp_path / "served.mp4"
+        out.write_bytes(r.content)
+        assert count_frames(probe_video(str(out))) == 13  # 0.5 s at 25 fps, rounded up
+        ours = sink.of(next(iter(sink.by_session)))
+        with open(media["tone"], "rb") as a, open(media["video"], "rb") as f:
+            r2 = client.post("/v1/lipsync", data={"box": BOX}, files={"audio": ("a.wav", a), "face": ("f.bin", f)})
+        assert r2.status_code == 200
+    expected = {}
+    cfg = InferenceConfig(checkpoint_path=media["ckpt"], face=None, avatar=str(tmp_path / "avatars" / avatar_id),
+                          audio=media["tone"], outfile=str(tmp_path / "offline.mp4"), progress=False)
+    run_inference(cfg, frame_sink=lambda i, f: expected.__setitem__(i, f.copy()), generator=media["gen"])
+    assert len(ours) == len(expected) == 13
+    assert all(np.array_equal(ours[i], expected[i]) for i in range(13))
+    second = [s for s in sink.by_session if sink.of(s) is not ours][-1]
+    assert all(np.array_equal(a, expected[i]) for i, a in enumerate(sink.of(second)))
+    assert not (tmp_path / "avatars" / ".staging").exists() or not os.listdir(tmp_path / "avatars" / ".staging")
+
+
+def test_token(media, tmp_path):
+    """With a token, every HTTP request and WebSocket needs it (header or ?token=), else 401."""
+    with make_client(media, tmp_path, token=TOKEN) as client:
+        for path in ("/healthz", "/", "/v1/avatars", "/v1/avatars/0123456789abcdef"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+        assert client.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert client.get(f"/healthz?token={TOKEN}").status_code == 200
+        assert upload(client, media["video"], box=BOX).status_code == 401
+        r = upload(client, media["video"], box=BOX, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 201
+        avatar_id = r.json()["avatar_id"]
+        for url in (f"/v1/stream?avatar_id={avatar_id}", f"/v1/stream?avatar_id={avatar_id}&token=nope"):
+            assert refused(client, url) == 401
+        with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}&token={TOKEN}") as ws:
+            stream_pcm(ws, media["pcm"][:4000], 100)
+            frames, _, last, code = read_stream(ws)
+        assert last["type"] == "end" and len(frames) == last["frames"] == 7 and code == 1000
+
+
+def test_sessions_beyond_max_get_503_and_avatars_in_use_409(media, tmp_path):
+    with make_client(media, tmp_path, max_sessions=1) as client:
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+            ws.send_bytes(media["pcm"][:1600].tobytes())
+            assert refused(client, f"/v1/stream?avatar_id={avatar_id}") == 503
+            with open(media["tone"], "rb") as a:
+                r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("a.wav", a)})
+            assert r.status_code == 503
+            assert client.delete(f"/v1/avatars/{avatar_id}").status_code == 409
+            assert client.get("/healthz").json()["sessions"]["streams"] == 1
+            stream_pcm(ws, media["pcm"][1600:4000], 100)
+            assert read_stream(ws)[2]["type"] == "end"
+        for _ in range(100):  # the slot is released when the handler returns
+            if client.get("/healthz").json()["sessions"]["streams"] == 0:
+                break
+            time.sleep(0.05)
+        assert client.delete(f"/v1/avatars/{avatar_id}").status_code == 204
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_ms", [10, 37.5, 160, 500])
+def test_streamed_frames_equal_offline_frames(media, served, chunk_ms):
+    """Any message size from 10 to 500 ms: the offline frame count, frames in order with pts = i / fps,
+    and every frame (before JPEG) equal to render() of the same avatar and audio."""
+    client, avatar_id, sink, folder = served
+    pcm = media["pcm"]
+    before = set(sink.by_session)
+    with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+        stream_pcm(ws, pcm, chunk_ms)
+        frames, _, last, code = read_stream(ws)
+    n = audio.num_frames_for_audio(len(pcm), 25.0)
+    assert n == 15 and last == {**last, "type": "end", "frames": n, "dropped": 0, "sent": n} and code == 1000
+    assert [h["index"] for h, _ in frames] == list(range(n))
+    assert [h["pts"] for h, _ in frames] == [round(i / 25.0, 6) for i in range(n)]
+    (sid,) = set(sink.by_session) - before
+    streamed = sink.of(sid)
+    offline = list(render(media["gen"], load_avatar(folder, 96), pcm.astype(np.float32) / 32768))
+    assert len(streamed) == len(offline) == n
+    for i, (a, b) in enumerate(zip(streamed, offline)):
+        assert np.array_equal(a, b), f"frame {i} differs"
+        jpeg = cv2.imdecode(np.frombuffer(frames[i][1], np.uint8), cv2.IMREAD_COLOR)
+        assert np.abs(jpeg.astype(int) - a).mean() < 4  # the JPEG is that frame
+
+
+def test_frames_leave_before_the_end(media, served):
+    """Without the end message, every frame whose window the audio sent so far completes arrives."""
+    client, avatar_id, _, _ = served
+    k = 4
+    need = 200 * (audio.frame_to_mel_start(k, 25.0) + 15) + 400
+    with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+        ws.send_bytes(media["pcm"][:need].tobytes())
+        got = []
+        while len(got) <= k:
+            header = ws.receive_json()
+            ws.receive_bytes()
+            if header["type"] == "frame":
+                got.append(header["index"])
+        ws.send_text(json.dumps({"type": "end"}))
+        frames, _, last, _ = read_stream(ws)
+    assert got == list(range(k + 1))
+    assert last["frames"] == audio.num_frames_for_audio(need, 25.0) == k + 1 + len(frames)
+
+
+@pytest.mark.parametrize("send, message, code", [
+    (lambda ws, pcm: ws.send_bytes(b"\x01\x02\x03"), "odd number", 1003),
+    (lambda ws, pcm: ws.send_text("hello"), "must be JSON", 1003),
+    (lambda ws, pcm: ws.send_text('{"type": "start"}'), "unknown message", 1003),
+    (lambda ws, pcm: ws.send_bytes(np.zeros(40000, "<i2").tobytes()), "too large", 1009),
+    (lambda ws, pcm: ws.send_text('{"type": "end"}'), "before any audio", 1003),
+    (lambda ws, pcm: (ws.send_bytes(pcm[:1000].tobytes()), ws.send_text('{"type": "end"}')), "too short", 1003),
+])
+def test_bad_messages_end_the_session_not_the_server(media, served, send, message, code):
+    client, avatar_id, _, _ = served
+    with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+        send(ws, media["pcm"])
+        _, _, last, close_code = read_stream(ws)
+    assert last["type"] == "error" and message in last["message"] and close_code == code
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_idle_frames_while_no_audio_arrives(media, tmp_path):
+    """No audio for a while: idle messages with the avatar's own frames, numbered apart from the
+    talk frames; the talk frames and their count are the same as without the pause."""
+    with make_client(media, tmp_path, stream=StreamOptions(idle_grace=0.05)) as client:
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        pcm = media["pcm"]
+        with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+            idle_before = []
+            while len(idle_before) < 3:  # idle from the start, before any audio
+                header = ws.receive_json()
+                idle_before.append((header, ws.receive_bytes()))
+            ws.send_bytes(pcm[:4800].tobytes())   # 0.3 s completes the windows of frames 0..2
+            time.sleep(0.6)                        # a pause in the speech
+            stream_pcm(ws, pcm[4800:], 100)
+            frames, idle, last, _ = read_stream(ws)
+    idle = idle_before + idle
+    n = audio.num_frames_for_audio(len(pcm), 25.0)
+    assert [h["index"] for h, _ in frames] == list(range(n)) and last["frames"] == n
+    assert all(h["type"] == "idle" for h, _ in idle)
+    assert [h["index"] for h, _ in idle] == list(range(len(idle)))
+    assert len(idle) > 3 and any(h["next_index"] == 3 for h, _ in idle)
+    assert last["idle"] == len(idle)
+    # an idle frame is the source frame the swing points at, unchanged (up to JPEG)
+    from lipsync.frames import source_index
+    header, data = idle[0]
+    j = source_index(header["next_index"] + IdleFrames.offset(0, 25), 20, "repeat")
+    source = load_avatar(str(tmp_path / "avatars" / avatar_id), 96).source
+    expected = list(source.frames(j, j + 1))[0]
+    shown = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert np.abs(shown.astype(int) - expected).mean() < 4
+
+
+def test_silent_sessions_time_out(media, tmp_path):
+    with make_client(media, tmp_path, stream=StreamOptions(idle_timeout=0.3)) as client:
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+            _, _, last, code = read_stream(ws)
+    assert last["type"] == "error" and "no audio" in last["message"] and code == 1008
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+def test_batcher_runs_sessions_together(media):
+    """Requests of sessions with frames in flight share one generator call; each gets its rows."""
+    rng = np.random.default_rng(0)
+    mels = rng.standard_normal((6, 80, 16)).astype(np.float32)
+    faces = rng.integers(0, 255, (6, 96, 96, 3), dtype=np.uint8)
+    alone = media["gen"].generate(mels, faces)
+    batcher = Batcher(media["gen"], max_batch=64, max_wait=5.0, busy=lambda: {"a", "b", "c"})
+    results = {}
+
+    def call(owner, rows):
+        results[owner] = batcher.generate(owner, mels[rows], faces[rows])
+
+    threads = [threading.Thread(target=call, args=(o, r)) for o, r in
+               (("a", slice(0, 1)), ("b", slice(1, 4)), ("c", slice(4, 6)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert batcher.stats.calls == 1 and batcher.stats.most_sessions == 3 and batcher.stats.frames == 6
+    assert np.array_equal(np.concatenate([results["a"], results["b"], results["c"]]), alone)
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        batcher.generate("a", mels[:1], faces[:1])
+
+
+def test_batcher_does_not_wait_for_idle_sessions(media):
+    """A lone session (nobody else busy) runs at once, however long max_wait is."""
+    batcher = Batcher(media["gen"], max_batch=4, max_wait=30.0, busy=lambda: {"a"})
+    mels = np.zeros((6, 80, 16), np.float32)
+    faces = np.zeros((6, 96, 96, 3), np.uint8)
+    out = batcher.generate("a", mels, faces)  # larger than max_batch: runs whole, alone
+    assert out.shape == (6, 96, 96, 3) and batcher.stats.calls == 1
+    batcher.close()
+
+
+def test_outbox_drops_idle_first_then_the_oldest_talk_frames():
+    import asyncio
+
+    async def scenario():
+        box = Outbox(3)
+        box.put(("idle", 0, 0, b"i0"))
+        box.put(("frame", 0, b"f0"))
+        box.put(("frame", 1, b"f1"))
+        box.put(("frame", 2, b"f2"))          # full: the idle frame goes
+        box.put(("idle", 1, 3, b"i1"))        # full of talk frames: the idle frame is not queued
+        box.put(("frame", 3, b"f3"))          # the oldest talk frame goes
+        box.put(("end", 4))                   # control messages are never dropped
+        return [await box.get() for _ in range(4)], box
+
+    got, box = asyncio.run(scenario())
+    assert [g[:2] for g in got] == [("frame", 1), ("frame", 2), ("frame", 3), ("end", 4)]
+    assert box.dropped == 1 and box.dropped_idle == 2
+
+
+def test_idle_swing():
+    assert [IdleFrames.offset(m, 3) for m in range(9)] == [1, 2, 3, 2, 1, 0, 1, 2, 3]
