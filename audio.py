@@ -21,7 +21,7 @@ from scipy import signal
 from lipsync import media
 from lipsync.media import MediaError
 
-from hparams import (FMAX, FMIN, HOP_SIZE, MAX_ABS_VALUE, MEL_STEP_SIZE, MIN_LEVEL_DB, N_FFT, NUM_MELS,  # noqa: F401
+from hparams import (AUDIO_KEYS, FMAX, FMIN, HOP_SIZE, MAX_ABS_VALUE, MEL_STEP_SIZE, MIN_LEVEL_DB, N_FFT, NUM_MELS,  # noqa: F401
                      PREEMPHASIS, REF_LEVEL_DB, SAMPLE_RATE, WIN_SIZE, HParams, hparams as default_hparams)
 
 
@@ -168,6 +168,12 @@ def mel_of_stft(D: np.ndarray, hp: HParams = default_hparams) -> np.ndarray:
     if hp.signal_normalization:
         S = _normalize(S, hp)
     return S.astype(np.float32)
+
+
+def mel_params(hp: HParams = default_hparams) -> dict:
+    """The hparams that define a mel spectrogram (``hparams.AUDIO_KEYS``), as recorded beside a
+    cached mel: two mels are interchangeable exactly when these are equal."""
+    return {k: getattr(hp, k) for k in AUDIO_KEYS}
 
 
 def mel_columns_per_second(hp: HParams = default_hparams) -> float:

@@ -28,6 +28,7 @@ import time
 
 def build_parser():
     from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+    from lipsync.media import add_ffmpeg_arg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -45,6 +46,7 @@ def build_parser():
                    help="a fixed face box for every frame instead of detection")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help=DEVICE_HELP)
     p.add_argument("--out", default=None, help="write the scores as JSON here")
+    add_ffmpeg_arg(p)
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
@@ -63,37 +65,34 @@ def main(argv=None) -> int:
         parser.error("give --checkpoint_path (this project's expert), --syncnet_model (syncnet_v2.model), or both")
     if args.vshift < 1:
         parser.error("--vshift must be >= 1")
+    from lipsync.errors import run_main
 
+    return run_main(evaluate, args)
+
+
+def evaluate(args) -> int:
     from lipsync.device import resolve_device
+    from lipsync.errors import Wav2LipError
     from lipsync.evaluation import (EvaluationError, ExpertScorer, SyncNetV2Scorer, compare_videos,
                                     read_video_for_scoring, sync_score)
-    from face_detection import DetectorError, get_detector
-    from models.checkpoint import CheckpointError
+    from lipsync.media import use_ffmpeg
+    from face_detection import get_detector
 
-    try:
-        videos = args.videos or read_video_list(args.video_list)
-    except OSError as exc:
-        print(f"error: cannot read --video_list: {exc}", file=sys.stderr)
-        return 2
+    use_ffmpeg(args.ffmpeg)
+    videos = args.videos or read_video_list(args.video_list)
     if not videos:
-        print("error: no videos to score", file=sys.stderr)
-        return 2
+        raise EvaluationError("no videos to score")
     if args.references is not None and len(args.references) != len(videos):
-        parser.error(f"--references: {len(args.references)} given for {len(videos)} videos")
+        raise EvaluationError(f"--references: {len(args.references)} given for {len(videos)} videos")
     missing = [v for v in videos + (args.references or []) if not os.path.isfile(v)]
     if missing:
-        print(f"error: file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-              file=sys.stderr)
-        return 2
+        raise EvaluationError(f"file not found: {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     device = resolve_device(args.device)
-    try:
-        expert = ExpertScorer(args.checkpoint_path, device) if args.checkpoint_path else None
-        syncnet = SyncNetV2Scorer(args.syncnet_model, device) if args.syncnet_model else None
-        detector = None if args.box else get_detector(args.face_detector, device=device, weights_path=args.s3fd_path)
-    except (CheckpointError, DetectorError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    expert = ExpertScorer(args.checkpoint_path, device) if args.checkpoint_path else None
+    syncnet = SyncNetV2Scorer(args.syncnet_model, device) if args.syncnet_model else None
+    detector = None if args.box else get_detector(args.face_detector, device=device, weights_path=args.s3fd_path)
 
     results, failures = [], 0
     t0 = time.perf_counter()
@@ -111,7 +110,7 @@ def main(argv=None) -> int:
             if args.references:
                 row["reference"] = args.references[i]
                 row.update(compare_videos(path, args.references[i]))
-        except (EvaluationError, ValueError, RuntimeError) as exc:
+        except (Wav2LipError, OSError) as exc:  # this video's fault; anything else is a bug
             row["error"] = str(exc)
             failures += 1
         results.append(row)

@@ -27,20 +27,21 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lipsync.dataprep import list_preprocessed, split_by_group, write_text_atomic
+    from lipsync.errors import run_main
 
-    try:
-        found = list_preprocessed(args.data_root)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(write_filelists, args)
+
+
+def write_filelists(args) -> int:
+    from lipsync.dataprep import DataPrepError, list_preprocessed, split_by_group, write_text_atomic
+
+    found = list_preprocessed(args.data_root)
     # the training dataset needs more than 3 windows' worth of face frames in a clip
     usable = [c for c, n in found if n > 3 * args.syncnet_T]
     dropped = len(found) - len(usable)
     if not usable:
-        print(f"error: no usable clips under {args.data_root!r} ({len(found)} found, {dropped} too short; "
-              f"a clip needs more than {3 * args.syncnet_T} face frames)", file=sys.stderr)
-        return 2
+        raise DataPrepError(f"no usable clips under {args.data_root!r} ({len(found)} found, {dropped} too short; "
+                            f"a clip needs more than {3 * args.syncnet_T} face frames)")
     splits = split_by_group(usable, args.val_fraction, args.test_fraction, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     for name, items in splits.items():

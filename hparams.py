@@ -139,6 +139,15 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# The fields that define the mel spectrogram (what mel.npy caches record). The published 96 and 288
+# layouts were trained on the defaults: their presets refuse overrides of these. num_mels and the
+# window width are the shape of the models' audio input, so no preset takes other values.
+AUDIO_KEYS = ("num_mels", "n_fft", "hop_size", "win_size", "sample_rate", "signal_normalization",
+              "allow_clipping_in_normalization", "symmetric_mels", "max_abs_value", "preemphasize", "preemphasis",
+              "min_level_db", "ref_level_db", "fmin", "fmax", "syncnet_mel_step_size")
+MODEL_SHAPE_KEYS = ("num_mels", "syncnet_mel_step_size")
+PUBLISHED_PRESETS = ("96", "288")
+
 _ALLOWED_CHOICES = {"amp": ("none", "bf16", "fp16"), "img_size": (96, 288), "lr_schedule": ("constant", "cosine")}
 
 
@@ -220,13 +229,35 @@ def parse_overrides(text: str | None) -> dict:
     return out
 
 
+def check_audio_overrides(preset: str, hp: HParams) -> None:
+    """Raise :class:`HParamsError` when ``hp`` changes the audio front end where it cannot work: any
+    of :data:`AUDIO_KEYS` in a published layout (``96``, ``288``), whose checkpoints only understand
+    mels made the published way, and the window shape (80 mels x 16 columns) in any preset."""
+    default = HParams()
+    changed = [k for k in AUDIO_KEYS if getattr(hp, k) != getattr(default, k)]
+    fixed = [k for k in changed if k in MODEL_SHAPE_KEYS]
+    if fixed:
+        raise HParamsError(f"hparam {fixed[0]!r} cannot change: the models' audio encoder takes {NUM_MELS}-band, "
+                           f"{MEL_STEP_SIZE}-column mel windows")
+    if changed and preset in PUBLISHED_PRESETS:
+        raise HParamsError(f"hparam {changed[0]!r} is part of the audio front end ({SAMPLE_RATE} Hz, hop {HOP_SIZE}, "
+                           f"window {WIN_SIZE}, {NUM_MELS} mels, {FMIN:g}-{FMAX:g} Hz, normalised to "
+                           f"+-{MAX_ABS_VALUE:g}) the published {preset} layout was trained with; its checkpoints "
+                           f"read other mels as noise. Experiment with it under --preset tiny")
+
+
 def get_hparams(preset: str = "96", overrides: str | dict | None = None) -> HParams:
+    """The preset's hparams with ``overrides`` (``"k=v,..."`` or a dict) applied. Raises
+    :class:`HParamsError` for an unknown preset, key or value, or an audio override the preset
+    cannot take (:func:`check_audio_overrides`)."""
     if preset not in PRESETS:
         raise HParamsError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     hp = apply_overrides(HParams(), PRESETS[preset])
     if isinstance(overrides, str):
         overrides = parse_overrides(overrides)
-    return apply_overrides(hp, overrides or {})
+    hp = apply_overrides(hp, overrides or {})
+    check_audio_overrides(preset, hp)
+    return hp
 
 
 def from_dict(values: dict) -> HParams:

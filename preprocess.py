@@ -4,10 +4,13 @@
         --batch_size 128
     python preprocess.py --data_root DIR --preprocessed_root OUT --face_detector lbp --shard 0/4
 
-Output: <preprocessed_root>/<group>/<clip>/<frame>.jpg (frame = index in the 25 fps stream; frames
-of other rates are resampled to 25 fps first), audio.wav, mel.npy and done.json. A finished clip is
-skipped on rerun; an interrupted one is redone. Clips that fail (corrupt, no face, no audio) are
-listed in <preprocessed_root>/failures.json and make the exit status 1.
+Clips are <data_root>/<group>/<clip>.<ext> in any container ffmpeg reads (.mp4, .MP4, .mov, .mkv,
+.webm, .avi, ...); other files are counted, listed and left out. Output:
+<preprocessed_root>/<group>/<clip>/<frame>.jpg (frame = index in the 25 fps stream on the file's
+timeline; other rates are resampled to 25 fps first), audio.wav (the audio on the same timeline, so
+a stream that starts late keeps its delay), mel.npy and done.json. A finished clip is skipped on
+rerun; an interrupted one is redone. Clips that fail (corrupt, no face, no audio) are listed in
+<preprocessed_root>/failures.json, with the files that are not clips, and make the exit status 1.
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ def build_parser():
     from lipsync.device import DEVICE_CHOICES
 
     from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+    from lipsync.media import add_ffmpeg_arg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data_root", required=True, help="raw corpus: <data_root>/<group>/<clip>.mp4")
+    p.add_argument("--data_root", required=True, help="raw corpus: <data_root>/<group>/<clip>.<ext> (any video)")
     p.add_argument("--preprocessed_root", required=True, help="where the crops go")
     p.add_argument("--batch_size", type=int, default=32, help="frames per face-detection batch")
     p.add_argument("--ngpu", type=int, default=1, help="worker processes, one detector each (one per GPU)")
@@ -36,6 +40,7 @@ def build_parser():
     p.add_argument("--hq", choices=("prefer", "only", "ignore"), default="prefer",
                    help="use <clip>_hq.mp4 where present (prefer), only those (only), or never (ignore)")
     p.add_argument("--shard", default=None, help="i/n: process every n-th clip starting at i")
+    add_ffmpeg_arg(p)
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
@@ -44,8 +49,10 @@ def _worker(device: str, args: dict, jobs: list, results):
     """Process ``jobs`` with one detector on ``device``; report each clip on ``results``."""
     from face_detection import get_detector
     from lipsync.dataprep import preprocess_clip
+    from lipsync.media import use_ffmpeg
 
     try:
+        use_ffmpeg(args["ffmpeg"])  # a spawned worker starts with the default choice
         detector = get_detector(args["face_detector"], device=device, weights_path=args["s3fd_path"])
     except Exception as exc:  # noqa: BLE001 - every job of this worker fails with the reason
         for key, _, _ in jobs:
@@ -63,27 +70,32 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.ngpu < 1:
         parser.error("--batch_size and --ngpu must be >= 1")
+    from lipsync.errors import run_main
 
+    return run_main(preprocess, args)
+
+
+def preprocess(args) -> int:
     import multiprocessing as mp
     import queue
 
     from lipsync.progress import progress_bar
 
-    from face_detection import DetectorError, get_detector
-    from lipsync.dataprep import (clip_out_dir, is_done, list_raw_clips, parse_shard, pick_source, take_shard,
-                                  write_json_atomic)
+    from face_detection import get_detector
+    from lipsync.dataprep import (DataPrepError, clip_out_dir, is_done, parse_shard, pick_source, report_not_clips,
+                                  scan_raw_corpus, take_shard, write_json_atomic)
     from lipsync.device import resolve_device
+    from lipsync.media import use_ffmpeg
 
-    try:
-        shard = parse_shard(args.shard)
-        device = resolve_device(args.device)
-        clips = take_shard(list_raw_clips(args.data_root), shard)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    use_ffmpeg(args.ffmpeg)
+    shard = parse_shard(args.shard)
+    device = resolve_device(args.device)
+    scan = scan_raw_corpus(args.data_root)
+    report_not_clips(scan)
+    clips = take_shard(scan.clips, shard)
     if not clips:
-        print(f"error: no <group>/<clip>.mp4 under {args.data_root!r}", file=sys.stderr)
-        return 2
+        raise DataPrepError(f"no <group>/<clip> videos under {args.data_root!r}"
+                            + (f" ({len(scan.not_clips)} other file(s), listed above)" if scan.not_clips else ""))
 
     jobs, skipped_done, no_source = [], 0, 0
     for clip in clips:
@@ -104,15 +116,12 @@ def main(argv=None) -> int:
         devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(args.ngpu)]
     else:
         devices = [str(device)] * args.ngpu
-    opts = {"face_detector": args.face_detector, "s3fd_path": args.s3fd_path, "batch_size": args.batch_size}
+    opts = {"face_detector": args.face_detector, "s3fd_path": args.s3fd_path, "batch_size": args.batch_size,
+            "ffmpeg": args.ffmpeg}
 
     # fail fast on a detector that cannot be built (missing S3FD weights), before any work
     if jobs:
-        try:
-            get_detector(args.face_detector, device="cpu", weights_path=args.s3fd_path)
-        except DetectorError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        get_detector(args.face_detector, device="cpu", weights_path=args.s3fd_path)
 
     failures, done_now, frames = [], 0, 0
     t0 = time.perf_counter()
@@ -145,12 +154,13 @@ def main(argv=None) -> int:
                 p.join()
 
     report = os.path.join(args.preprocessed_root, "failures.json" if shard[1] == 1 else f"failures_shard{shard[0]}of{shard[1]}.json")
+    not_clips = [{"path": path, "reason": why} for path, why in scan.not_clips]
     write_json_atomic({"failures": failures, "processed": done_now, "skipped_done": skipped_done,
-                       "no_source": no_source}, report, indent=1)
+                       "no_source": no_source, "not_clips": not_clips}, report, indent=1)
     elapsed = time.perf_counter() - t0
     print(f"{done_now} clips preprocessed ({frames} frames, {frames / max(elapsed, 1e-9):.1f} frames/s), "
-          f"{skipped_done} already done, {no_source} without a source for --hq {args.hq}, {len(failures)} failed"
-          + (f" (see {report})" if failures else ""))
+          f"{skipped_done} already done, {no_source} without a source for --hq {args.hq}, {len(failures)} failed, "
+          f"{len(not_clips)} other file(s) not clips" + (f" (see {report})" if failures or not_clips else ""))
     return 1 if failures else 0
 
 

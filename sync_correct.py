@@ -29,6 +29,7 @@ import time
 
 def build_parser():
     from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+    from lipsync.media import add_ffmpeg_arg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="preprocessed root (preprocess.py's output)")
@@ -41,6 +42,7 @@ def build_parser():
                    help="LSE-C under which a clip is excluded; 'auto' = 0.6 x the corpus median (default)")
     p.add_argument("--vshift", type=int, default=15, help="offsets searched, in frames each way (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help=DEVICE_HELP)
+    add_ffmpeg_arg(p)
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return p
 
@@ -94,33 +96,32 @@ def main(argv=None) -> int:
             parser.error(f"--min_confidence must be a number or 'auto', got {args.min_confidence!r}")
     if args.max_offset < 0 or args.max_offset > args.vshift:
         parser.error(f"--max_offset must be in 0..--vshift ({args.vshift})")
-    if not os.path.isdir(args.data_root):
-        print(f"error: --data_root not found: {args.data_root}", file=sys.stderr)
-        return 2
-    if args.fix and not os.path.isdir(args.filelists_dir):
-        print(f"error: --filelists_dir not found: {args.filelists_dir} (run generate_filelists.py first, "
-              f"or give the folder that holds train.txt)", file=sys.stderr)
-        return 2
+    from lipsync.errors import run_main
 
+    return run_main(correct, args)
+
+
+def correct(args) -> int:
     import numpy as np
     from lipsync.progress import progress_bar
 
     import audio
+    from lipsync.dataprep import DataPrepError, list_preprocessed, read_done, write_json_atomic
     from lipsync.device import resolve_device
-    from lipsync.evaluation import SR, EvaluationError, ExpertScorer, score_preprocessed_clip, shift_audio
-    from models.checkpoint import CheckpointError
+    from lipsync.errors import Wav2LipError
+    from lipsync.evaluation import SR, ExpertScorer, score_preprocessed_clip, shift_audio
+    from lipsync.media import use_ffmpeg
 
-    try:
-        scorer = ExpertScorer(args.checkpoint_path, resolve_device(args.device))
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from lipsync.dataprep import list_preprocessed, read_done, write_json_atomic
-
+    use_ffmpeg(args.ffmpeg)
+    if not os.path.isdir(args.data_root):
+        raise DataPrepError(f"--data_root not found: {args.data_root}")
+    if args.fix and not os.path.isdir(args.filelists_dir):
+        raise DataPrepError(f"--filelists_dir not found: {args.filelists_dir} (run generate_filelists.py first, "
+                            f"or give the folder that holds train.txt)")
+    scorer = ExpertScorer(args.checkpoint_path, resolve_device(args.device))
     names = [name for name, _ in list_preprocessed(args.data_root)]
     if not names:
-        print(f"error: no preprocessed clips under {args.data_root}", file=sys.stderr)
-        return 2
+        raise DataPrepError(f"no preprocessed clips under {args.data_root}")
 
     t0 = time.perf_counter()
     rows = []
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
                 wav = audio.load_wav(os.path.join(d, "audio.wav"), SR)
             s = score_preprocessed_clip(scorer, d, args.vshift, wav=wav)
             row.update(offset=s.offset, lse_d=round(s.lse_d, 4), lse_c=round(s.lse_c, 4), windows=s.windows)
-        except (EvaluationError, OSError, ValueError) as exc:
+        except (Wav2LipError, OSError) as exc:  # this clip's fault; anything else is a bug
             row["error"] = str(exc)
         rows.append(row)
 

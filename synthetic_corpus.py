@@ -42,7 +42,7 @@ def render_truth(args) -> int:
 
     with open(args.render_truth) as fh:
         ident = Identity.from_dict(json.load(fh)["identity"])
-    wav = audio.load_wav(args.audio, 16000)
+    wav = audio.load_wav(args.audio, audio.SAMPLE_RATE)
     write_clip(args.outfile, ident, wav)
     print(f"wrote {args.outfile}")
     return 0
@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     if args.render_truth:
         if not (args.audio and args.outfile):
             parser.error("--render_truth needs --audio and --outfile")
-        return render_truth(args)
+        from lipsync.errors import run_main
+
+        return run_main(render_truth, args)
     if not args.out:
         parser.error("--out is required")
     if args.clips < 1:

@@ -52,10 +52,9 @@ class Clip:
 
 
 def _load_mel(clip_dir: str, hp: HParams) -> np.ndarray:
-    cached = os.path.join(clip_dir, "mel.npy")
-    if os.path.isfile(cached):
-        return np.load(cached)
-    return audio.melspectrogram(audio.load_wav(os.path.join(clip_dir, "audio.wav"), hp.sample_rate), hp)
+    from lipsync.dataprep import load_clip_mel
+
+    return load_clip_mel(clip_dir, hp)  # the cache only when it was made with hp's audio front end
 
 
 class WindowDataset(Dataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,9 +24,24 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from lipsync.errors import Wav2LipError
+
+log = logging.getLogger(__name__)
+
+
+class DataPrepError(Wav2LipError, ValueError):
+    """A corpus or flag the data stages cannot work with; the message says what to change."""
+
+
 TRAIN_FPS = 25.0
 DONE = "done.json"
 HQ_SUFFIX = "_hq"
+# Extensions that are video containers whatever their letter case. A file with another extension
+# (or none) is asked of ffmpeg; these are known not to be videos and are not asked.
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".qt", ".mkv", ".webm", ".avi", ".wmv", ".asf", ".flv", ".mpg",
+                    ".mpeg", ".m2v", ".ts", ".mts", ".m2ts", ".3gp", ".3g2", ".ogv", ".mxf", ".dv", ".vob", ".y4m"}
+NOT_MEDIA_EXTENSIONS = {".json", ".txt", ".csv", ".tsv", ".md", ".yaml", ".yml", ".xml", ".srt", ".vtt", ".log",
+                        ".npy", ".npz", ".pth", ".pt", ".py", ".sh", ".html", ".pdf", ".zip", ".tar", ".gz"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,18 +59,41 @@ def write_json_atomic(obj, path: str, indent: int = 2) -> None:
 
 
 def write_audio_and_mel(wav: np.ndarray, wav_path: str, mel_path: str) -> np.ndarray:
-    """Save 16 kHz audio and its cached mel, each atomically. The mel is that of the file as stored
-    (16-bit), i.e. what training would compute from it."""
+    """Save (samples,) audio at ``audio.SAMPLE_RATE`` and its cached (num_mels, T) mel, each
+    atomically, and return the mel. The mel is that of the file as stored (16-bit), i.e. what
+    training would compute from it, with the default front end (:func:`audio.mel_params`); the
+    caller records those parameters in done.json (``mel_params``)."""
     import audio
 
     tmp_wav = f"{wav_path}.tmp{os.getpid()}.wav"
-    audio.save_wav(wav, tmp_wav, 16000)
-    mel = audio.melspectrogram(audio.load_wav(tmp_wav, 16000))
+    audio.save_wav(wav, tmp_wav, audio.SAMPLE_RATE)
+    mel = audio.melspectrogram(audio.load_wav(tmp_wav, audio.SAMPLE_RATE))
     tmp_mel = f"{mel_path}.tmp{os.getpid()}.npy"
     np.save(tmp_mel, mel)
     os.replace(tmp_wav, wav_path)
     os.replace(tmp_mel, mel_path)
     return mel
+
+
+_stale_mel_warned = False
+
+
+def load_clip_mel(clip_dir: str, hp) -> np.ndarray:
+    """(num_mels, T) mel of a preprocessed clip for hparams ``hp``: the cached ``mel.npy`` when
+    done.json records that it was made with ``hp``'s audio front end (:func:`audio.mel_params`),
+    else recomputed from ``audio.wav`` (a cache made with other parameters, or by a version that did
+    not record them, is never used as if it were right; a warning says so once per process)."""
+    import audio
+
+    global _stale_mel_warned
+    cached = os.path.join(clip_dir, "mel.npy")
+    if os.path.isfile(cached) and read_done(clip_dir).get("mel_params") == audio.mel_params(hp):
+        return np.load(cached)
+    if os.path.isfile(cached) and not _stale_mel_warned:
+        _stale_mel_warned = True
+        log.warning("%s: mel.npy was made with other audio parameters than these hparams (or does not say); "
+                    "recomputing mels from audio.wav (rerun preprocess.py to refresh the caches)", clip_dir)
+    return audio.melspectrogram(audio.load_wav(os.path.join(clip_dir, "audio.wav"), hp.sample_rate), hp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,21 +111,95 @@ class RawClip:
         return f"{self.group}/{self.name}"
 
 
-def list_raw_clips(data_root: str) -> List[RawClip]:
+@dataclass
+class CorpusScan:
+    """What is under a raw corpus root: the clips, and every other file with the reason it is not
+    one (``(path, reason)``), so that nothing is skipped in silence."""
+    clips: List[RawClip]
+    not_clips: List[Tuple[str, str]]
+
+
+def _video_or_reason(path: str) -> Optional[str]:
+    """None when ``path`` is a video clip; else why not. Names with a video extension (any letter
+    case) are clips without asking ffmpeg (a corrupt one fails later, with the reason); other
+    names are decided by content."""
+    from lipsync.media import MediaError, probe_media
+    from lipsync.video import is_image_file
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext in VIDEO_EXTENSIONS:
+        return None
+    if ext in NOT_MEDIA_EXTENSIONS:
+        return f"not a video ({ext} file)"
+    if is_image_file(path):
+        return "a still image, not a video"
+    try:
+        info = probe_media(path)
+    except (MediaError, OSError) as exc:
+        return f"not a video ffmpeg reads: {exc}"
+    return None if info.video is not None else "no video stream (audio only)" if info.audio else "no video stream"
+
+
+def scan_raw_corpus(data_root: str) -> CorpusScan:
+    """Clips ``<data_root>/<group>/<clip>.<ext>`` in any container ffmpeg reads and any letter
+    case (``a.mp4``, ``b.MP4``, ``c.mov``, ``d.mkv``), with their ``<clip>_hq.mp4`` copies; every
+    other file under the root or a group is listed in ``not_clips`` with the reason (hidden files,
+    images, audio, sidecars such as the synthetic corpus's ``<clip>.json``, two files with one clip
+    name). Raises ``FileNotFoundError`` when ``data_root`` is not a directory."""
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"--data_root is not a directory: {data_root!r}")
     clips: Dict[Tuple[str, str], RawClip] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(data_root), "*", "*.mp4"))):
-        group = os.path.basename(os.path.dirname(path))
-        stem = os.path.splitext(os.path.basename(path))[0]
-        is_hq = stem.endswith(HQ_SUFFIX)
-        name = stem[: -len(HQ_SUFFIX)] if is_hq else stem
-        clip = clips.setdefault((group, name), RawClip(group, name, None, None))
-        if is_hq:
-            clip.hq = path
-        else:
-            clip.raw = path
-    return list(clips.values())
+    not_clips: List[Tuple[str, str]] = []
+    for entry in sorted(os.listdir(data_root)):
+        top = os.path.join(data_root, entry)
+        if os.path.isfile(top):
+            not_clips.append((top, _video_or_reason(top) or "a video, but not inside a <group>/ folder"))
+            continue
+        if not os.path.isdir(top):
+            continue
+        for name in sorted(os.listdir(top)):
+            path = os.path.join(top, name)
+            if not os.path.isfile(path):
+                continue
+            if name.startswith("."):  # hidden: our own .partial files, macOS ._ companions, .DS_Store
+                not_clips.append((path, "hidden file"))
+                continue
+            why = _video_or_reason(path)
+            if why is not None:
+                not_clips.append((path, why))
+                continue
+            stem = os.path.splitext(name)[0]
+            is_hq = stem.endswith(HQ_SUFFIX)
+            clip_name = stem[: -len(HQ_SUFFIX)] if is_hq else stem
+            clip = clips.setdefault((entry, clip_name), RawClip(entry, clip_name, None, None))
+            taken = clip.hq if is_hq else clip.raw
+            if taken is not None:
+                not_clips.append((path, f"same clip name as {os.path.basename(taken)}"))
+            elif is_hq:
+                clip.hq = path
+            else:
+                clip.raw = path
+    return CorpusScan(list(clips.values()), not_clips)
+
+
+def list_raw_clips(data_root: str) -> List[RawClip]:
+    """The clips of :func:`scan_raw_corpus`."""
+    return scan_raw_corpus(data_root).clips
+
+
+def report_not_clips(scan: CorpusScan, stream=None, limit: int = 10) -> str:
+    """One line counting the files that are not clips, plus the first ``limit`` of them with the
+    reason, written to ``stream`` (default stderr); returns the count line ('' when none)."""
+    if not scan.not_clips:
+        return ""
+    stream = stream or sys.stderr
+    line = f"{len(scan.not_clips)} file(s) under the corpus are not clips and were left out:"
+    print(line, file=stream)
+    for path, why in scan.not_clips[:limit]:
+        print(f"  {path}: {why}", file=stream)
+    if len(scan.not_clips) > limit:
+        print(f"  ... and {len(scan.not_clips) - limit} more", file=stream)
+    return line
 
 
 def pick_source(clip: RawClip, hq_mode: str) -> Optional[str]:
@@ -101,14 +214,15 @@ def pick_source(clip: RawClip, hq_mode: str) -> Optional[str]:
 
 
 def parse_shard(text: Optional[str]) -> Tuple[int, int]:
+    """``"i/n"`` -> (i, n); None -> (0, 1). Raises :class:`DataPrepError` unless 0 <= i < n."""
     if not text:
         return 0, 1
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise DataPrepError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+        raise DataPrepError(f"--shard {text!r}: need 0 <= i < n")
     return i, n
 
 
@@ -138,8 +252,8 @@ class BuiltinEnhancer:
 
 
 def hq_path(raw_path: str) -> str:
-    stem, ext = os.path.splitext(raw_path)
-    return stem + HQ_SUFFIX + ext
+    """``<clip>_hq.mp4`` beside ``raw_path`` (always mp4: that is what the enhancers write)."""
+    return os.path.splitext(raw_path)[0] + HQ_SUFFIX + ".mp4"
 
 
 def enhance_builtin(src: str, dst: str) -> int:
@@ -147,7 +261,7 @@ def enhance_builtin(src: str, dst: str) -> int:
 
     info = probe_video(src)
     enhancer = BuiltinEnhancer()
-    with VideoWriter(dst, info.width, info.height, info.fps, audio_path=src if info.has_audio else None) as w:
+    with VideoWriter(dst, info.width, info.height, info.rate, audio_path=src if info.has_audio else None) as w:
         for frame in iter_frames(info):
             w.write(enhancer(frame))
     return w.frames
@@ -197,11 +311,15 @@ def run_parallel(fn, jobs: list, workers: int):
             yield fut.result()
 
 
-def enhance_job(args: Tuple[str, str, Optional[str]]) -> Tuple[str, Optional[str], int]:
-    """(raw path, error or None, frames): one clip, for a process pool."""
-    src, enhancer, codeformer_dir = args
+def enhance_job(args: Tuple[str, str, Optional[str], Optional[str]]) -> Tuple[str, Optional[str], int]:
+    """(raw path, error or None, frames) of one clip ``(src, enhancer, codeformer_dir, ffmpeg)``,
+    for a process pool."""
+    from lipsync.media import use_ffmpeg
+
+    src, enhancer, codeformer_dir, ffmpeg = args
     dst = hq_path(src)
     try:
+        use_ffmpeg(ffmpeg)  # a pool worker may not share the parent's choice
         if enhancer == "codeformer":
             n = enhance_codeformer(src, dst, codeformer_dir)
         else:
@@ -245,7 +363,9 @@ def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
         info = probe_video(src)
         if not info.has_audio:
             raise ValueError("the video has no audio track")
-        mel = write_audio_and_mel(audio.load_wav(src, 16000), os.path.join(partial, "audio.wav"),
+        # the audio and the frames below are both on the file's timeline: frame k pairs with the
+        # audio at k / 25 s even when one stream starts later than the other (lipsync.media)
+        mel = write_audio_and_mel(audio.load_wav(src, audio.SAMPLE_RATE), os.path.join(partial, "audio.wav"),
                                   os.path.join(partial, "mel.npy"))
         frames = faces = 0
         t0 = time.perf_counter()
@@ -273,7 +393,8 @@ def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
         if faces == 0:
             raise ValueError(f"no face found in any of its {frames} frames")
         record = {"source": os.path.abspath(src), "fps": TRAIN_FPS, "frames": frames, "faces": faces,
-                  "source_fps": info.fps, "mel_columns": int(mel.shape[1]),
+                  "source_fps": info.fps, "source_rate": str(info.rate), "mel_columns": int(mel.shape[1]),
+                  "mel_params": audio.mel_params(audio.default_hparams),
                   "seconds": round(time.perf_counter() - t0, 3)}
         write_json_atomic(record, os.path.join(partial, DONE), indent=None)
         os.replace(partial, out_dir)

@@ -34,7 +34,7 @@ import audio
 from lipsync.errors import Wav2LipError
 
 FPS = 25.0
-SR = 16000
+SR = audio.SAMPLE_RATE
 VSHIFT = 15
 T = 5
 

@@ -383,8 +383,8 @@ def _probe_ffmpeg(path: str) -> MediaInfo:
 
 
 def _with_packet_times(info: MediaInfo) -> MediaInfo:
-    """Fill the first video stream's start and exact rate and the first audio stream's end from a
-    packet listing (``-c copy -f framecrc``: one line per packet, timestamps in the stream's time
+    """Fill the first video stream's start and exact rate and the first audio stream's start and
+    end from a packet listing (``-c copy -f framecrc``: one line per packet, timestamps in the stream's time
     base), skipping packets the demuxer marks as discarded (before an edit list's start)."""
     chosen = [s for s in (info.video, info.audio) if s is not None]
     if not chosen:
@@ -436,8 +436,8 @@ def _with_packet_times(info: MediaInfo) -> MediaInfo:
             out[s.index] = StreamInfo(s.index, s.kind, s.codec, s.start if s.start is not None else start, end,
                                       s.width, s.height, rate or s.rate, s.rotation)
         else:
-            out[s.index] = StreamInfo(s.index, s.kind, s.codec, s.start, end, sample_rate=s.sample_rate,
-                                      channels=s.channels)
+            out[s.index] = StreamInfo(s.index, s.kind, s.codec, s.start if s.start is not None else start, end,
+                                      sample_rate=s.sample_rate, channels=s.channels)
     return MediaInfo(info.path, info.start, info.duration, tuple(out[s.index] for s in info.streams), info.prober)
 
 

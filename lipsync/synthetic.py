@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Tuple
 import cv2
 import numpy as np
 
-SR = 16000
+from hparams import SAMPLE_RATE as SR
 FPS = 25.0
 FRAME_SIZE = 256
 
@@ -366,6 +366,7 @@ def write_preprocessed(root: str, groups: int = 4, seconds: float = 1.2, seed: i
     """The preprocess.py output contract, written straight from the renderer (crops at the truth
     boxes, no detector): a fast fixture for training tests and benchmarks. Returns ``group/clip``s."""
     import audio
+    from lipsync.dataprep import DONE, write_audio_and_mel, write_json_atomic
 
     rng = np.random.default_rng(seed)
     clips = []
@@ -380,8 +381,8 @@ def write_preprocessed(root: str, groups: int = 4, seconds: float = 1.2, seed: i
         for k in range(n):
             x1, y1, x2, y2 = renderer.face_box(k)
             cv2.imwrite(os.path.join(d, f"{k}.jpg"), renderer.render(k, opening[k], width[k])[y1:y2, x1:x2])
-        wav_path = os.path.join(d, "audio.wav")
-        audio.save_wav(wav, wav_path, SR)
-        np.save(os.path.join(d, "mel.npy"), audio.melspectrogram(audio.load_wav(wav_path, SR)))
+        write_audio_and_mel(wav, os.path.join(d, "audio.wav"), os.path.join(d, "mel.npy"))
+        write_json_atomic({"fps": FPS, "frames": n, "faces": n, "mel_params": audio.mel_params()},
+                          os.path.join(d, DONE), indent=None)
         clips.append(f"g{g}/00001")
     return clips

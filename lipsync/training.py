@@ -15,7 +15,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from collections import defaultdict
 from typing import Dict
@@ -410,20 +409,18 @@ def main_for(trainer_cls, description: str, argv=None, needs_expert=False, needs
     hp = hparams_from_args(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from lipsync.data import DatasetError
-    from models.checkpoint import CheckpointError
+    from lipsync.errors import run_main
 
-    env = None
-    try:
+    def train() -> int:
         env = Dist(args.device)
-        seed_everything(hp.seed, env.rank)
-        trainer = trainer_cls(args, hp, env)
-        trainer.run()
-        env.barrier()
-    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if env is not None:
+        try:
+            seed_everything(hp.seed, env.rank)
+            trainer = trainer_cls(args, hp, env)
+            trainer.run()
+            env.barrier()
+        finally:
             env.close()
-    return 0
+        return 0
+
+    # a project error (bad data, checkpoint, device, flag) or a missing file: one error line, exit 2
+    return run_main(train)

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from lipsync.media import (MediaError, MediaInfo, Rate, audio_input_args, ffmpeg_command, ffmpeg_exe,  # noqa: F401
-                           ffmpeg_path, has_encoder, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
+                           ffmpeg_path, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
                            video_timeline_filters)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2",
@@ -200,6 +200,16 @@ def _partial_path(path: str) -> str:
     return tmp
 
 
+def _aac_from(audio_path: str):
+    """(input args, output args) muxing ``audio_path``'s audio, on its timeline, as 192 kb/s AAC of
+    an output whose first input (0) is the video; raises :class:`VideoError` without audio."""
+    try:
+        a_in, a_out, _, _ = audio_input_args(audio_path, 1)
+    except (MediaError, OSError) as exc:
+        raise VideoError(f"cannot use the audio of {audio_path!r}: {exc}") from None
+    return a_in, a_out + ["-c:a", "aac", "-b:a", "192k"]
+
+
 class VideoWriter:
     """H.264 mp4 from (H, W, 3) uint8 BGR frames at exactly ``fps`` frames/s (a Fraction such as
     24000/1001 is written as that, not rounded), plus AAC from ``audio_path``: that file's audio on
@@ -225,12 +235,9 @@ class VideoWriter:
         if width % 2 or height % 2:  # yuv420p needs even sizes: pad one black pixel where needed
             out += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
         if audio_path is not None:
-            try:
-                a_in, a_out, _, _ = audio_input_args(audio_path, 1)
-            except (MediaError, OSError) as exc:
-                raise VideoError(f"cannot use the audio of {audio_path!r}: {exc}") from None
+            a_in, a_out = _aac_from(audio_path)
             args += a_in
-            out += a_out + ["-c:a", "aac", "-b:a", "192k"]
+            out += a_out
         self.tmp_path = _partial_path(self.path)
         if codec == "h264_nvenc":
             out += ["-c:v", codec, "-preset", "p4", "-rc", "vbr", "-cq", str(crf)]
@@ -313,12 +320,9 @@ def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
     args = ["-copyts", "-i", ffmpeg_path(video_path)]
     out = ["-map", f"0:{video.stream_index}", "-c:v", "copy"]
     if audio_src is not None:
-        try:
-            a_in, a_out, _, _ = audio_input_args(audio_src, 1)
-        except (MediaError, OSError) as exc:
-            raise VideoError(f"cannot use the audio of {audio_src!r}: {exc}") from None
+        a_in, a_out = _aac_from(audio_src)
         args += a_in
-        out += a_out + ["-c:a", "aac", "-b:a", "192k"]
+        out += a_out
     tmp = _partial_path(out_path)
     cmd = ffmpeg_command("-y", *args, *out, "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(tmp))
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
@@ -328,23 +332,3 @@ def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out_path)
 
-
-ENCODERS = ("auto", "libx264", "h264_nvenc")
-
-
-def ffmpeg_has_encoder(name: str) -> bool:
-    """Whether this ffmpeg was built with the video encoder ``name`` (from ``ffmpeg -encoders``)."""
-    return has_encoder(name)
-
-
-def encoder_for(name: str, device=None) -> str:
-    """The H.264 encoder to use: ``auto`` is ``h264_nvenc`` on a CUDA device when ffmpeg has it, else
-    ``libx264``. Raises VideoError when a named encoder is missing from this ffmpeg."""
-    if name not in ENCODERS:
-        raise VideoError(f"--encoder must be one of {ENCODERS}, got {name!r}")
-    if name == "auto":
-        cuda = getattr(device, "type", device) == "cuda"
-        return "h264_nvenc" if cuda and ffmpeg_has_encoder("h264_nvenc") else "libx264"
-    if not ffmpeg_has_encoder(name):
-        raise VideoError(f"this ffmpeg ({ffmpeg_exe()}) has no {name} encoder; use --encoder libx264")
-    return name

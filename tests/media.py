@@ -4,7 +4,7 @@ import subprocess
 import cv2
 import numpy as np
 
-from audio import ffmpeg_exe
+from audio import SAMPLE_RATE, ffmpeg_exe
 from lipsync.video import VideoWriter
 
 
@@ -53,7 +53,7 @@ def set_rotation(src, dst, degrees):
     return str(dst)
 
 
-def tone_wav(path, seconds, sr=16000, silent=False):
+def tone_wav(path, seconds, sr=SAMPLE_RATE, silent=False):
     from audio import save_wav
 
     t = np.arange(int(seconds * sr)) / sr

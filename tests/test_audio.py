@@ -13,7 +13,7 @@ WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
 
 
 def test_melspectrogram_reproduces_reference():
-    wav = audio.load_wav(WAV, 16000)
+    wav = audio.load_wav(WAV, audio.SAMPLE_RATE)
     mel = audio.melspectrogram(wav)
     ref = np.load(os.path.join(REFERENCE, "speechlike_16k_mel.npy"))
     assert mel.shape == ref.shape and mel.dtype == np.float32
@@ -24,7 +24,7 @@ def test_reflect_padding_matters_at_the_edges():
     # zero padding (the librosa >= 0.10 default) changes the first and last columns
     import librosa
 
-    wav = audio.load_wav(WAV, 16000)
+    wav = audio.load_wav(WAV, audio.SAMPLE_RATE)
     ref = np.load(os.path.join(REFERENCE, "speechlike_16k_mel.npy"))
     hp = audio.default_hparams
     D = librosa.stft(y=audio.preemphasis(wav.astype(np.float64), hp.preemphasis), n_fft=hp.n_fft,
@@ -77,10 +77,10 @@ def encoded(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["wav44k_stereo", "mp3", "m4a", "flac", "ogg", "video"])
 def test_load_wav_any_format(encoded, fmt):
-    ref = audio.load_wav(WAV, 16000)
-    got = audio.load_wav(encoded[fmt], 16000)
+    ref = audio.load_wav(WAV, audio.SAMPLE_RATE)
+    got = audio.load_wav(encoded[fmt], audio.SAMPLE_RATE)
     assert got.ndim == 1 and got.dtype == np.float32
-    assert abs(len(got) - len(ref)) < 0.1 * 16000  # codec padding only
+    assert abs(len(got) - len(ref)) < 0.1 * audio.SAMPLE_RATE  # codec padding only
     # compare mels after aligning for codec delay: the content must be the same speech
     n = min(len(got), len(ref))
     best = max(np.corrcoef(audio.melspectrogram(got[s:s + n - 2000]).ravel(),
@@ -92,9 +92,9 @@ def test_load_wav_rejects_non_audio(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello\n" * 50)
     with pytest.raises(audio.AudioError, match="cannot read audio"):
-        audio.load_wav(str(bad), 16000)
+        audio.load_wav(str(bad), audio.SAMPLE_RATE)
     with pytest.raises(audio.AudioError, match="not found"):
-        audio.load_wav(str(tmp_path / "missing.wav"), 16000)
+        audio.load_wav(str(tmp_path / "missing.wav"), audio.SAMPLE_RATE)
 
 
 def test_mel_chunk_starts_match_published_inference():
@@ -106,11 +106,11 @@ def test_mel_chunk_starts_match_published_inference():
 
 def test_mel_chunk_starts_extend_to_the_end_of_audio():
     ref = json.load(open(os.path.join(REFERENCE, "mel_chunk_starts.json")))
-    wav = audio.load_wav(WAV, 16000)
+    wav = audio.load_wav(WAV, audio.SAMPLE_RATE)
     T = audio.melspectrogram(wav).shape[1]
     for fps, starts in ref.items():
         n = audio.num_frames_for_audio(len(wav), float(fps))
-        assert n == int(np.ceil(len(wav) / 16000 * float(fps)))
+        assert n == int(np.ceil(len(wav) / audio.SAMPLE_RATE * float(fps)))
         full = audio.mel_chunk_starts(T, float(fps), n_frames=n)
         assert len(full) == n > len(starts)
         assert full[: len(starts)] == starts

@@ -74,7 +74,7 @@ def test_true_video_renders_for_any_audio_and_measures_back(corpus, tmp_path):
     truth = json.load(open(clip[:-4] + ".json"))
     ident = S.Identity.from_dict(truth["identity"])
     # same audio -> the clip's own frames (up to encoding noise)
-    wav = audio.load_wav(clip, 16000)
+    wav = audio.load_wav(clip, audio.SAMPLE_RATE)
     frames = list(iter_frames(probe_video(clip)))
     rendered = list(S.render_frames(ident, wav[: 30 * 640], n_frames=30))
     assert np.abs(rendered[10].astype(int) - frames[10]).mean() < 4
@@ -84,7 +84,7 @@ def test_true_video_renders_for_any_audio_and_measures_back(corpus, tmp_path):
     assert np.corrcoef(measured, truth["opening"])[0, 1] > 0.8
     # and the CLI renders the identity saying other audio
     other = str(tmp_path / "other.wav")
-    audio.save_wav(S.synth_speech(np.random.default_rng(9), 1.0), other, 16000)
+    audio.save_wav(S.synth_speech(np.random.default_rng(9), 1.0), other, audio.SAMPLE_RATE)
     out = str(tmp_path / "truth.mp4")
     assert synthetic_corpus.main(["--render_truth", clip[:-4] + ".json", "--audio", other, "--outfile", out]) == 0
     assert probe_video(out).has_audio and len(list(iter_frames(probe_video(out)))) == 25
@@ -122,7 +122,7 @@ def test_generate_hq_videos(corpus, tmp_path, capsys):
     assert len(hq) == 6 and not glob.glob(str(root / "**" / "*.partial*"), recursive=True)
     info = probe_video(hq[0])
     assert info.has_audio and info.fps == 25.0
-    assert len(audio.load_wav(hq[0], 16000)) == pytest.approx(1.2 * 16000, abs=1600)
+    assert len(audio.load_wav(hq[0], audio.SAMPLE_RATE)) == pytest.approx(1.2 * audio.SAMPLE_RATE, abs=1600)
     bad.unlink()
     before = [os.path.getmtime(p) for p in hq]
     assert generate_hq_videos.main(["--data_root", str(root), "--quiet"]) == 0
@@ -187,11 +187,11 @@ def test_preprocess_writes_the_contract(preprocessed):
     assert done["frames"] == 30 and done["faces"] >= 27
     jpgs = sorted(int(os.path.splitext(p)[0]) for p in os.listdir(d) if p.endswith(".jpg"))
     assert jpgs[0] == 0 and jpgs[-1] <= 29 and len(jpgs) == done["faces"]
-    wav = audio.load_wav(str(d / "audio.wav"), 16000)
+    wav = audio.load_wav(str(d / "audio.wav"), audio.SAMPLE_RATE)
     from scipy.io import wavfile
 
     sr, raw = wavfile.read(str(d / "audio.wav"))
-    assert sr == 16000 and raw.ndim == 1
+    assert sr == audio.SAMPLE_RATE and raw.ndim == 1
     np.testing.assert_allclose(np.load(d / "mel.npy"), audio.melspectrogram(wav), atol=1e-4)
     import cv2
 

@@ -109,9 +109,9 @@ def test_syncnet_scorer_uses_the_release_preprocessing(tmp_path):
     torch.save(SyncNetV2().state_dict(), path)
     scorer = SyncNetV2Scorer(str(path))
     rng = np.random.default_rng(0)
-    wav = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    wav = (0.1 * rng.standard_normal(audio.SAMPLE_RATE)).astype(np.float32)
     pcm = np.clip(np.round(wav * 32768), -32768, 32767).astype(np.int16)
-    assert np.allclose(scorer.mfcc(wav), python_speech_features.mfcc(pcm, 16000).T, atol=1e-4)
+    assert np.allclose(scorer.mfcc(wav), python_speech_features.mfcc(pcm, audio.SAMPLE_RATE).T, atol=1e-4)
     crops = [rng.integers(0, 255, (224, 224, 3), dtype=np.uint8) for _ in range(30)]
     v, a = scorer.features(crops, wav)
     # windows 0 .. min(frames, samples // 640) - 6, as the release loops
@@ -161,7 +161,7 @@ def test_shifted_clips_are_measured_within_one_frame(corpus, expert_path):
     errors = []
     for clip in corpus["held_out"]:
         d = os.path.join(corpus["root"], clip)
-        wav = audio.load_wav(os.path.join(d, "audio.wav"), 16000)
+        wav = audio.load_wav(os.path.join(d, "audio.wav"), audio.SAMPLE_RATE)
         for k in range(-6, 7):
             s = score_preprocessed_clip(scorer, d, wav=shift_audio(wav, -k))  # audio advanced: it leads by k
             errors.append(s.offset - k)
@@ -184,7 +184,7 @@ def videos(tmp_path_factory):
     from lipsync.video import mux_audio
 
     shifted = str(root / "late.wav")
-    audio.save_wav(shift_audio(wav, 5), shifted, 16000)
+    audio.save_wav(shift_audio(wav, 5), shifted, audio.SAMPLE_RATE)
     mux_audio(in_sync, shifted, late)
     return {"in_sync": in_sync, "late": late}
 
@@ -245,8 +245,8 @@ def test_sync_correct_fixes_shifted_clips_and_drops_corrupted(corpus, expert_pat
     originals = {}
     for clip, k in ((a, 4), (b, -3)):              # the audio leads by k frames
         d = root / clip
-        originals[clip] = audio.load_wav(str(d / "audio.wav"), 16000)
-        audio.save_wav(shift_audio(originals[clip], -k), str(d / "audio.wav"), 16000)
+        originals[clip] = audio.load_wav(str(d / "audio.wav"), audio.SAMPLE_RATE)
+        audio.save_wav(shift_audio(originals[clip], -k), str(d / "audio.wav"), audio.SAMPLE_RATE)
     # corrupted: another clip's audio
     shutil.copy(root / corpus["clips"][0] / "audio.wav", root / c / "audio.wav")
     before = {p: p.read_text() for p in fl.iterdir()}
@@ -272,7 +272,7 @@ def test_sync_correct_fixes_shifted_clips_and_drops_corrupted(corpus, expert_pat
         assert (root / clip / "audio.orig.wav").exists()
         done = json.loads((root / clip / "done.json").read_text())
         assert done["audio_shift_frames"] == rows[clip]["total_shift"]
-        fixed = audio.load_wav(str(root / clip / "audio.wav"), 16000)
+        fixed = audio.load_wav(str(root / clip / "audio.wav"), audio.SAMPLE_RATE)
         mel = np.load(root / clip / "mel.npy")
         assert np.allclose(mel, audio.melspectrogram(fixed), atol=1e-5)   # the cached mel follows the audio
         if rows[clip]["offset"] == (4 if clip == a else -3):                # measured exactly: audio restored
