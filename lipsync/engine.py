@@ -48,9 +48,10 @@ def frame_count(wav: np.ndarray, fps: float) -> int:
     return audio.num_frames_for_audio(len(wav), fps)
 
 
-def generate_with(generator: Generator) -> GenerateFn:
-    """The plain ``generate`` function: one forward pass per call, in this thread."""
-    return lambda mels, faces, keys: generator.generate(mels, faces, keys)
+def generate_with(generator: Generator, as_tensor: bool = False) -> GenerateFn:
+    """The plain ``generate`` function: one forward pass per call, in this thread (faces stay on the
+    device as a tensor with ``as_tensor``)."""
+    return lambda mels, faces, keys: generator.generate(mels, faces, keys, as_tensor=as_tensor)
 
 
 def _groups(mel: np.ndarray, starts: Sequence[int], size: int) -> Iterator[np.ndarray]:
@@ -60,15 +61,16 @@ def _groups(mel: np.ndarray, starts: Sequence[int], size: int) -> Iterator[np.nd
 
 
 def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "repeat", blend: str = "feather",
-           batch_size: int = 128, timings: Optional[Timings] = None, cache_faces: Optional[bool] = None
-           ) -> Iterator[np.ndarray]:
+           batch_size: int = 128, timings: Optional[Timings] = None, cache_faces: Optional[bool] = None,
+           on_device: Optional[bool] = None) -> Iterator[np.ndarray]:
     """Lip-sync ``avatar`` to ``wav`` (16 kHz mono float32): (H, W, 3) uint8 BGR frames in order,
     ``frame_count(wav, avatar.fps)`` of them.
 
     ``batch_size``: frames handed to the generator at once (on the CPU it runs them in tuned
     micro-batches; frames in flight are bounded by about twice this). ``cache_faces``: keep the
     face features of source frames for reuse (default: when the audio outlasts the avatar's video,
-    so frames repeat).
+    so frames repeat). ``on_device``: crop, resize and paste on the generator's device
+    (:class:`lipsync.gpu.TorchComposer`; default: on CUDA).
     """
     n_out = frame_count(wav, avatar.fps)
     mel = mel_for(wav)
@@ -77,22 +79,36 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "r
         cache_faces = avatar.n_frames is not None and avatar.n_frames < n_out
     if generator.device.type == "cpu":
         batch_size = min(batch_size, 32)  # the CPU runs micro-batches anyway; keep 720p frames in flight few
-    return render_windows(generate_with(generator), avatar, _groups(mel, starts, batch_size), n_out=n_out, loop=loop,
-                          blend=blend, timings=timings, cache_faces=cache_faces)
+    composer = None
+    if on_device if on_device is not None else generator.device.type == "cuda":
+        from lipsync.gpu import TorchComposer
+
+        composer = TorchComposer(avatar.img_size, blend, generator.device)
+    return render_windows(generate_with(generator, as_tensor=composer is not None), avatar,
+                          _groups(mel, starts, batch_size), n_out=n_out, loop=loop, blend=blend, timings=timings,
+                          cache_faces=cache_faces, composer=composer)
 
 
 def render_windows(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.ndarray], n_out: Optional[int] = None,
                    loop: str = "repeat", blend: str = "feather", timings: Optional[Timings] = None,
-                   cache_faces: bool = False, ahead: int = 1) -> Iterator[np.ndarray]:
+                   cache_faces: bool = False, ahead: int = 1, composer=None) -> Iterator[np.ndarray]:
     """Frames for mel windows arriving in groups ((G, 80, 16) arrays; one output frame per window).
 
     Source frames are decoded in a thread; generation runs ``ahead`` groups in front of the paste in
     another, so decoding, the generator and the caller (an encoder, a socket) overlap. ``n_out``:
-    the total when known (None: as many as the groups bring).
+    the total when known (None: as many as the groups bring). ``composer``: a
+    :class:`lipsync.gpu.TorchComposer` crops and pastes whole groups on the device (then
+    ``generate`` must return faces as a device tensor); without it OpenCV does it per frame.
     """
     timings = timings or Timings()
     frames = avatar.output_frames(n_out, loop)
     with prefetch(frames, 4, "decode", timer=lambda s: timings.add("decode", s)) as decoded:
+        if composer is not None:
+            produced = _device_groups(generate, avatar, groups, decoded, timings, cache_faces, composer)
+            with prefetch(produced, ahead, "generate") as ready:
+                for out in ready:
+                    yield from out
+            return
         produced = _generated_groups(generate, avatar, groups, decoded, timings, cache_faces)
         with prefetch(produced, ahead, "generate") as ready:
             for items, faces in ready:
@@ -121,6 +137,35 @@ def _generated_groups(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.
             for k, face in zip(idx, made):
                 faces[k] = face
         yield items, faces
+
+
+def _device_groups(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.ndarray],
+                   decoded: Iterator[Tuple[int, np.ndarray]], timings: Timings, cache_faces: bool, composer
+                   ) -> Iterator[List[np.ndarray]]:
+    """For each group: its finished frames, cropped, generated and pasted on the composer's device."""
+    import torch
+
+    for group in groups:
+        items = list(itertools.islice(decoded, len(group)))
+        if len(items) < len(group):
+            raise RenderError("internal error: the face video ended before the audio")
+        boxes = [avatar.box(j) for j, _ in items]
+        idx = [k for k, b in enumerate(boxes) if b is not None]
+        with timings.measure("decode"):
+            frames = composer.upload([f for _, f in items])
+        if idx:
+            with timings.measure("crop" if avatar.crops is None else "decode"):
+                if avatar.crops is None:
+                    crops = composer.crops([frames[k] for k in idx], [boxes[k] for k in idx])
+                else:
+                    crops = torch.from_numpy(np.stack([avatar.crops[items[k][0]] for k in idx])).to(composer.device)
+            keys = [(avatar.key, items[k][0]) for k in idx] if cache_faces else None
+            with timings.measure("generate"):
+                made = generate(np.asarray(group)[idx], crops, keys)
+            with timings.measure("blend"):
+                composer.paste([frames[k] for k in idx], made, [boxes[k] for k in idx])
+        with timings.measure("blend"):
+            yield composer.download(frames)
 
 
 def count_missing(avatar: Avatar, n_out: int, loop: str) -> int:

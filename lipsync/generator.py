@@ -269,13 +269,14 @@ class Generator:
         return f"{self.img_size}x{self.img_size} generator (width {self.width:g}) on {self.device}, {self.precision}"
 
     # ---- inputs ----------------------------------------------------------------------------------
-    def face_tensor(self, faces: np.ndarray) -> torch.Tensor:
-        """(B, S, S, 3) uint8 BGR crops -> (B, 6, S, S) model input in [0, 1]: the face with its lower
-        half zeroed on channels 0-2, the face itself (the reference) on channels 3-5 (published)."""
-        if faces.ndim != 4 or faces.shape[1:] != (self.img_size, self.img_size, 3):
-            raise ValueError(f"faces must be (B, {self.img_size}, {self.img_size}, 3), got {faces.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device)
-        x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0  # (B, 3, S, S)
+    def face_tensor(self, faces) -> torch.Tensor:
+        """(B, S, S, 3) uint8 BGR crops (numpy, or a tensor on any device) -> (B, 6, S, S) model input
+        in [0, 1]: the face with its lower half zeroed on channels 0-2, the face itself (the
+        reference) on channels 3-5 (published)."""
+        if faces.ndim != 4 or tuple(faces.shape[1:]) != (self.img_size, self.img_size, 3):
+            raise ValueError(f"faces must be (B, {self.img_size}, {self.img_size}, 3), got {tuple(faces.shape)}")
+        x = faces if isinstance(faces, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(faces))
+        x = x.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0  # (B, 3, S, S)
         masked = x.clone()
         masked[:, :, self.img_size // 2:] = 0
         img = torch.cat((masked, x), dim=1)  # (B, 6, S, S)
@@ -299,9 +300,10 @@ class Generator:
                 feats.append(f)
         return feats
 
-    def decode(self, mels: np.ndarray, feats: FaceFeatures) -> np.ndarray:
+    def decode(self, mels: np.ndarray, feats: FaceFeatures, as_tensor: bool = False):
         """(B, 80, 16) mel windows + face features -> (B, S, S, 3) uint8 BGR faces
-        (the published ``(pred * 255).astype(uint8)``)."""
+        (the published ``(pred * 255).astype(uint8)``); a uint8 tensor on the device with
+        ``as_tensor``."""
         with torch.inference_mode():
             x = self.model.audio_encoder(self.mel_tensor(mels))
             skips = list(feats)
@@ -309,11 +311,14 @@ class Generator:
                 x = block(x)
                 x = torch.cat((x, skips.pop()), dim=1)
             x = self.model.output_block(x)  # (B, 3, S, S) in [0, 1]
+            if as_tensor:
+                return (x.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1)  # truncates, as astype does
             return (x.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
 
     # ---- batched calls with the tuned micro-batch ---------------------------------------------------
-    def generate(self, mels: np.ndarray, faces: np.ndarray, keys: Optional[Sequence] = None) -> np.ndarray:
-        """(B, 80, 16) mel windows + (B, S, S, 3) uint8 BGR crops -> (B, S, S, 3) uint8 BGR faces.
+    def generate(self, mels: np.ndarray, faces, keys: Optional[Sequence] = None, as_tensor: bool = False):
+        """(B, 80, 16) mel windows + (B, S, S, 3) uint8 BGR crops -> (B, S, S, 3) uint8 BGR faces
+        (numpy; a tensor on the device with ``as_tensor``; crops may be a tensor too).
 
         ``keys`` (one hashable per crop, e.g. (avatar key, source frame)) lets the face features of a
         crop seen before come from :attr:`bank` instead of the face encoder. On the CPU the batch runs
@@ -321,7 +326,8 @@ class Generator:
         """
         n = len(mels)
         if n == 0:
-            return np.zeros((0, self.img_size, self.img_size, 3), np.uint8)
+            empty = np.zeros((0, self.img_size, self.img_size, 3), np.uint8)
+            return torch.from_numpy(empty).to(self.device) if as_tensor else empty
         out = []
         k = 0
         with self.lock:
@@ -330,11 +336,11 @@ class Generator:
                 t0 = time.perf_counter()
                 part = slice(k, k + step)
                 feats = self._features(faces[part], None if keys is None else keys[part])
-                out.append(self.decode(mels[part], feats))
+                out.append(self.decode(mels[part], feats, as_tensor))
                 if self.tuner is not None and 2 * len(out[-1]) >= step:  # a short tail would read slow
                     self.tuner.record((threads, step), len(out[-1]), time.perf_counter() - t0)
                 k += step
-        return np.concatenate(out)
+        return torch.cat(out) if as_tensor else np.concatenate(out)
 
     def _features(self, faces: np.ndarray, keys: Optional[Sequence]) -> FaceFeatures:
         if keys is None or self.bank is None:
