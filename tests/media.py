@@ -60,3 +60,38 @@ def tone_wav(path, seconds, sr=SAMPLE_RATE, silent=False):
     wav = np.zeros_like(t) if silent else 0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
     save_wav(wav.astype(np.float32), str(path), sr)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sync oracle: "the mouth opens when this frame's mel window is loud"
+# ---------------------------------------------------------------------------------------------
+def mouth_openness(face_crop):
+    """How open the mouth of a face crop (BGR, any size) is: the darkness of the mouth region of
+    the crop resized to 96x96 (the synthetic corpus draws an open mouth dark)."""
+    import cv2
+
+    return -float(cv2.resize(face_crop, (96, 96))[58:84, 30:66].mean())
+
+
+def mel_loudness(wav, n_frames, fps=25.0):
+    """(n_frames,) mean of the mel window each frame pairs with (``audio.mel_chunk_starts``)."""
+    import audio
+
+    mel = audio.melspectrogram(wav)
+    return np.array([mel[:, s:s + audio.MEL_STEP_SIZE].mean() for s in audio.mel_chunk_starts(mel.shape[1], fps,
+                                                                                            n_frames)])
+
+
+def av_lag(openness, loudness, max_lag=12):
+    """The lag L (frames) for which frame k's mouth opening best follows frame k + L's loudness
+    (Pearson correlation over the frames in ``openness``, a {frame: value} dict); 0 when the mouth
+    moves with its own mel window, > 0 when the audio is late."""
+    best_lag, best_corr = 0, -2.0
+    frames = sorted(openness)
+    for lag in range(-max_lag, max_lag + 1):
+        pairs = [(openness[k], loudness[k + lag]) for k in frames if 0 <= k + lag < len(loudness)]
+        a, b = np.array(pairs, np.float64).T
+        corr = float(np.corrcoef(a, b)[0, 1])
+        if corr > best_corr:
+            best_lag, best_corr = lag, corr
+    return best_lag

@@ -68,3 +68,27 @@ def test_cli_arguments(capsys):
     with pytest.raises(SystemExit):
         H.hparams_from_args(parser.parse_args(["--hparams", "nope=1"]), parser)
     assert "unknown hparam 'nope'" in capsys.readouterr().err
+
+
+def test_audio_front_end_is_defined_once():
+    import audio
+
+    assert audio.SAMPLE_RATE == H.SAMPLE_RATE == H.HParams().sample_rate == 16000
+    assert (audio.HOP_SIZE, audio.WIN_SIZE, audio.NUM_MELS, audio.MEL_STEP_SIZE) == (200, 800, 80, 16)
+    assert audio.mel_columns_per_second() == 80
+    assert set(audio.mel_params()) == set(H.AUDIO_KEYS)
+
+
+@pytest.mark.parametrize("preset", ["96", "288"])
+@pytest.mark.parametrize("override", ["sample_rate=22050", "hop_size=160", "fmax=8000", "symmetric_mels=false"])
+def test_audio_overrides_are_refused_for_published_layouts(preset, override):
+    with pytest.raises(H.HParamsError, match=f"published {preset} layout"):
+        H.get_hparams(preset, override)
+
+
+def test_audio_overrides_under_the_tiny_preset():
+    assert H.get_hparams("tiny", "hop_size=160,fmax=8000").hop_size == 160
+    for fixed in ("num_mels=40", "syncnet_mel_step_size=20"):
+        with pytest.raises(H.HParamsError, match="80-band, 16-column"):
+            H.get_hparams("tiny", fixed)
+    assert H.get_hparams("96", "sample_rate=16000").sample_rate == 16000  # the published value is fine

@@ -19,7 +19,7 @@ import audio
 from conftest import ROOT
 from lipsync import media
 from lipsync.video import VideoWriter, is_image_file, is_image_path, iter_frames, probe_video
-from media import astronaut, ffmpeg, make_face_video, tone_wav
+from media import astronaut, av_lag, ffmpeg, make_face_video, mel_loudness, mouth_openness, tone_wav
 
 SR = audio.SAMPLE_RATE
 CLICKS = [0.2, 0.7, 1.1, 1.8]   # seconds after the audio's own start
@@ -143,22 +143,43 @@ def test_edit_list_of_a_stream_copy_cut(src, tmp_path):
     assert len(got) == N_FRAMES - first
 
 
-def test_preprocessed_audio_of_a_late_audio_clip_keeps_the_delay(src, tmp_path):
-    """Item 1, training side: preprocess.py's audio.wav of a clip whose audio starts 0.4 s late
-    starts with 0.4 s of silence, so frame k still pairs with the audio at k / 25 s."""
-    raw = tmp_path / "raw" / "spk"
+def test_preprocess_pairs_a_late_audio_clip_in_sync(tmp_path):
+    """Item 1, training side: a synthetic talking face whose speech is muxed 0.4 s after its video
+    (as ``-itsoffset 0.4`` does) preprocesses into the same pairing as the clip with the speech in
+    place: the oracle (the mouth opens when this frame's mel window is loud) measures the same lag
+    on both, from the face crops and the clip's own audio.wav. Before, audio.wav started 0.4 s early
+    and the lag was 10 frames off."""
+    import cv2
+
+    from lipsync import synthetic
+
+    rng = np.random.default_rng(3)
+    ident = synthetic.random_identity(rng, photo=sorted(synthetic.PHOTOS)[0])
+    speech = synthetic.synth_speech(rng, 2.4)
+    spoken_late = np.concatenate([np.zeros(int(0.4 * SR), np.float32), speech])
+    raw = tmp_path / "raw" / "g"
     raw.mkdir(parents=True)
-    face = make_face_video(tmp_path / "face.mp4", 75)
-    ffmpeg("-i", face, "-itsoffset", "0.4", "-i", src["clicks"], "-map", "0:v", "-map", "1:a", "-c:v", "copy",
-           "-c:a", "aac", str(raw / "late.mp4"))
+    synthetic.write_clip(str(raw / "insync.mp4"), ident, spoken_late)  # the truth: mouth and sound together
+    os.remove(raw / "insync.json")
+    audio.save_wav(speech, str(tmp_path / "speech.wav"))
+    ffmpeg("-i", str(raw / "insync.mp4"), "-itsoffset", "0.4", "-i", str(tmp_path / "speech.wav"), "-map", "0:v",
+           "-map", "1:a", "-c:v", "copy", "-c:a", "aac", str(raw / "late.mp4"))
     pre = tmp_path / "pre"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "preprocess.py"), "--data_root", str(tmp_path / "raw"),
                         "--preprocessed_root", str(pre), "--face_detector", "lbp", "--quiet"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    wav = audio.load_wav(str(pre / "spk" / "late" / "audio.wav"))
-    assert click_times(wav) == pytest.approx([c + 0.4 for c in CLICKS], abs=TOL)
-    assert len(wav) / SR == pytest.approx(2.9, abs=0.03)
+    lags = {}
+    for name in ("insync", "late"):
+        clip = pre / "g" / name
+        crops = {int(f[:-4]): mouth_openness(cv2.imread(str(clip / f))) for f in os.listdir(clip) if f.endswith(".jpg")}
+        assert len(crops) > 60
+        wav = audio.load_wav(str(clip / "audio.wav"))
+        assert np.abs(wav[:int(0.35 * SR)]).max() < 0.01 < np.abs(wav[int(0.4 * SR):int(0.7 * SR)]).max()
+        lags[name] = av_lag(crops, mel_loudness(wav, max(crops) + 1))
+    # -2, not 0, by construction: the synthetic mouth follows the audio around (k + 0.5) / 25 s, the
+    # mel window of frame k is centred on (k + 2.5) / 25 s
+    assert lags == {"insync": -2, "late": -2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,3 +437,24 @@ def test_entry_points_report_one_error_line(tmp_path):
         assert r.returncode == 2, (script, r.stderr)
         assert "Traceback" not in r.stderr and lines[-1].startswith(("error:", f"{script}: error:")), (script, r.stderr)
         assert needle in r.stderr, (script, r.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# one source of truth: cached mels say what they were made with
+# ---------------------------------------------------------------------------------------------
+def test_cached_mel_is_used_only_with_its_parameters(tmp_path):
+    import hparams
+    from lipsync.dataprep import load_clip_mel, read_done, write_json_atomic
+    from lipsync.synthetic import write_preprocessed
+
+    clip = str(tmp_path / write_preprocessed(str(tmp_path), groups=1)[0])
+    assert read_done(clip)["mel_params"] == audio.mel_params()
+    real = np.load(os.path.join(clip, "mel.npy"))
+    np.save(os.path.join(clip, "mel.npy"), np.zeros_like(real))  # a marker: is the cache read?
+    assert not load_clip_mel(clip, hparams.get_hparams("tiny")).any()
+    other = load_clip_mel(clip, hparams.get_hparams("tiny", "hop_size=160"))   # recomputed, 100 columns/s
+    assert other.shape == (80, int(len(audio.load_wav(os.path.join(clip, "audio.wav"))) // 160 + 1))
+    done = read_done(clip)
+    del done["mel_params"]  # a cache that does not say how it was made is not trusted either
+    write_json_atomic(done, os.path.join(clip, "done.json"))
+    assert np.allclose(load_clip_mel(clip, hparams.get_hparams("tiny")), real, atol=1e-5)
