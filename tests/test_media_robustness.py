@@ -458,3 +458,14 @@ def test_cached_mel_is_used_only_with_its_parameters(tmp_path):
     del done["mel_params"]  # a cache that does not say how it was made is not trusted either
     write_json_atomic(done, os.path.join(clip, "done.json"))
     assert np.allclose(load_clip_mel(clip, hparams.get_hparams("tiny")), real, atol=1e-5)
+
+
+def test_evaluation_reads_a_late_audio_video_on_its_timeline(src, tmp_path):
+    """The kind of item 1 in evaluation: the scorer's audio of a video whose audio starts 0.4 s late
+    begins with that silence, and its frames are the video's."""
+    from lipsync.evaluation import read_video_for_scoring
+
+    late = mux(src, tmp_path / "delayed.mp4", audio_offset=0.4)
+    scored = read_video_for_scoring(late, box=(0, 0, 32, 32), with_syncnet=True)
+    assert scored.frames == N_FRAMES and len(scored.syncnet_crops) == N_FRAMES
+    assert click_times(scored.wav) == pytest.approx([c + 0.4 for c in CLICKS], abs=TOL)
