@@ -20,6 +20,7 @@ from face_detection import BACKENDS
 from lipsync.cli import DEVICE_HELP, HelpFormatter
 from lipsync.device import DEVICE_CHOICES
 from lipsync.errors import Wav2LipError
+from lipsync.sessions import MAX_GROUP
 
 TOKEN_ENV = "WAV2LIP_TOKEN"
 
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
              "has frames in flight)")
     add("--jpeg_quality", type=int, default=80, help="JPEG quality of streamed frames (1-100)")
     add("--send_buffer", type=int, default=50,
-        help="frames queued per session for a slow reader; beyond it the oldest idle, then talk frames are dropped")
+        help=f"frames queued per session for a slow reader (at least {MAX_GROUP}); beyond it the oldest idle, then "
+             "the oldest talk frames are dropped")
     add("--idle_grace", type=float, default=0.25,
         help="seconds past the expected next audio message before idle frames start (negative: no idle frames)")
     add("--idle_timeout", type=float, default=300.0, help="a stream without audio for this many seconds is closed")
@@ -87,9 +89,12 @@ def check_args(args) -> None:
         raise ServeError("--token must be at least 8 characters")
     if not 0 < args.port < 65536:
         raise ServeError(f"--port must be 1-65535, got {args.port}")
-    for name in ("max_sessions", "max_batch", "send_buffer"):
+    for name in ("max_sessions", "max_batch"):
         if getattr(args, name) < 1:
             raise ServeError(f"--{name} must be >= 1")
+    if args.send_buffer < MAX_GROUP:
+        raise ServeError(f"--send_buffer must be at least {MAX_GROUP} frames (one audio message can release that many "
+                         "at once; a reader that keeps up must not lose them)")
     if not 1 <= args.jpeg_quality <= 100:
         raise ServeError("--jpeg_quality must be 1-100")
     if args.max_upload_mb <= 0 or args.batch_wait_ms < 0 or args.idle_timeout <= 0 or args.shutdown_timeout < 0:
@@ -140,12 +145,23 @@ def _serve(args) -> int:
     app = create_app(state)
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws_max_size=1 << 20,
                         timeout_graceful_shutdown=int(round(args.shutdown_timeout)), server_header=False)
+    logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     server = _Server(uv, state)
     n = len(state.store.ids())
     print(f"wav2lip server: {generator.describe()}; {n} avatar(s) in {state.store.root}", flush=True)
     print(f"open {browser_url(args.host, args.port, bool(args.token))} in a browser", flush=True)
     server.run()
     return 0 if server.started else 2
+
+
+class _DenialNoise(logging.Filter):
+    """uvicorn's websockets-sansio protocol logs "ASGI callable returned without completing
+    handshake" after an app refuses a WebSocket with an HTTP response (401, 404, 503: the
+    denial-response extension it supports), though the client got that response. Every other way
+    out of this app's stream handler accepts first, so here the message only ever means a refusal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing handshake" not in record.getMessage()
 
 
 def _server_class():

@@ -104,12 +104,16 @@ class AvatarStore:
         os.makedirs(parent, exist_ok=True)
         return tempfile.mkdtemp(prefix="upload.", dir=parent)
 
-    def create(self, face: str, settings: AvatarSettings, device, kind: Optional[str] = None) -> dict:
+    def create(self, face: str, settings: AvatarSettings, device, kind: Optional[str] = None,
+               wanted: Callable[[], bool] = lambda: True) -> Optional[dict]:
         """Prepare the face in ``face`` (a video or photo; ``kind`` "video"/"image" when known) and
-        save it under a new id; returns its :func:`describe`. Raises AvatarError (no face found, box
-        outside the frame) or a media error for an unreadable file."""
+        save it under a new id; returns its :func:`describe`, or None when ``wanted()`` says, once
+        it is prepared, that nobody waits for it any more (then nothing is saved). Raises AvatarError
+        (no face found, box outside the frame) or a media error for an unreadable file."""
         avatar = prepare_avatar(face, settings, self.img_size, device=device, cache=None, with_crops=True,
                                 progress=False, source_kind=kind)
+        if not wanted():
+            return None
         avatar_id = secrets.token_hex(8)
         save_avatar(avatar, os.path.join(self.root, avatar_id))
         return self.info(avatar_id)

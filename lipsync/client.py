@@ -7,6 +7,7 @@ content and when it arrived, so callers can check the order and measure latency.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -95,27 +96,35 @@ class StreamResult:
 
 
 def stream_audio(url: str, avatar_id: str, pcm: np.ndarray, chunk_ms: float = 100.0, speed: float = 1.0,
-                 token: Optional[str] = None, read_delay: float = 0.0, stop_after: Optional[int] = None,
+                 token: Optional[str] = None, on_frame: Optional[Callable[[int], None]] = None,
+                 stop_after: Optional[int] = None,
                  before_end: Optional[Callable[[], None]] = None, open_timeout: float = 60.0,
-                 timeout: float = 600.0) -> StreamResult:
+                 timeout: float = 600.0, recv_buffer: Optional[int] = None) -> StreamResult:
     """Stream ``pcm`` ((samples,) int16 at 16 kHz) to ``url`` (the server's base URL) for ``avatar_id``.
 
     ``chunk_ms``: milliseconds of audio per message; ``speed``: 1 = real-time pace, 2 = twice as
-    fast, 0 = as fast as the server reads. ``read_delay``: seconds to sleep after each frame read
-    (a slow reader). ``stop_after``: disconnect abruptly after this many talk frames (a client
-    that vanishes). ``before_end``: called before ``{"type": "end"}`` is sent. Raises ClientError
+    fast, 0 = as fast as the server reads. ``on_frame(index)``: called after each talk frame is read;
+    nothing more is read while it runs (a slow reader sleeps or waits in it). ``recv_buffer``: bytes of socket receive buffer, and one message queued in the
+    client, so that a slow reader's backlog stays on the server instead of in this process.
+    ``stop_after``: disconnect abruptly after this many talk frames (a client that vanishes). ``before_end``: called before ``{"type": "end"}`` is sent. Raises ClientError
     when the handshake is refused (with the HTTP status) or the server cannot be reached.
     """
-    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    result = StreamResult()
-    step = max(1, int(round(audio.SAMPLE_RATE * chunk_ms / 1000.0)))
-    data = np.ascontiguousarray(pcm, dtype="<i2")
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    extra = {}
     try:
-        ws = connect(ws_url(url, avatar_id), additional_headers=headers, open_timeout=open_timeout,
-                     max_size=None, close_timeout=5)
+        if recv_buffer is not None:
+            host, port = urllib.parse.urlsplit(url if "://" in url else "http://" + url).netloc.rsplit(":", 1)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)  # before connect: sets the window
+            sock.connect((host.strip("[]"), int(port)))
+            extra = {"sock": sock, "max_queue": 1}
+        with connect(ws_url(url, avatar_id), additional_headers=headers, open_timeout=open_timeout,
+                     max_size=None, close_timeout=5, **extra) as ws:
+            return _exchange(ws, np.ascontiguousarray(pcm, dtype="<i2"), chunk_ms, speed, on_frame, stop_after,
+                             before_end, timeout)
     except InvalidStatus as exc:
         body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
         try:
@@ -126,6 +135,14 @@ def stream_audio(url: str, avatar_id: str, pcm: np.ndarray, chunk_ms: float = 10
     except OSError as exc:
         raise ClientError(f"cannot reach {url}: {exc}") from None
 
+
+def _exchange(ws, data: np.ndarray, chunk_ms: float, speed: float, on_frame, stop_after, before_end,
+              timeout: float) -> StreamResult:
+    """Send ``data`` from a thread while reading the server's messages here (see :func:`stream_audio`)."""
+    from websockets.exceptions import ConnectionClosed
+
+    result = StreamResult()
+    step = max(1, int(round(audio.SAMPLE_RATE * chunk_ms / 1000.0)))
     stop = threading.Event()
 
     def send():
@@ -143,7 +160,7 @@ def stream_audio(url: str, avatar_id: str, pcm: np.ndarray, chunk_ms: float = 10
             if before_end is not None:
                 before_end()
             ws.send(json.dumps({"type": "end"}))
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):
             pass
 
     sender = threading.Thread(target=send, name="stream-send", daemon=True)
@@ -175,16 +192,14 @@ def stream_audio(url: str, avatar_id: str, pcm: np.ndarray, chunk_ms: float = 10
                     stop.set()
                     ws.socket.close()  # vanish: no close handshake
                     break
+                if on_frame is not None:
+                    on_frame(i)
             else:
                 result.idle += 1
             header = None
-            if read_delay:
-                time.sleep(read_delay)
     finally:
         stop.set()
         sender.join(10)
-        if ws.close_code is None and stop_after is None:
-            ws.close()
         result.close_code = ws.close_code
     return result
 

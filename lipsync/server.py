@@ -30,7 +30,7 @@ import shutil
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 UPLOAD_CHUNK = 1 << 20
+SHUTDOWN_MESSAGE = "the server shut down before this request was finished; nothing was kept"
 
 
 @dataclass
@@ -398,21 +399,29 @@ def create_app(state: ServerState):
 
     @app.post("/v1/avatars", status_code=201)
     async def create_avatar(request: Request):
-        form = await read_form(request, limit_bytes())
-        staging = state.store.staging_dir()
+        abandoned = threading.Event()
         try:
-            box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
-            path, kind = await staged_face(form, staging)
-            settings = settings_for(path, box, fps)
+            form = await read_form(request, limit_bytes())
+            staging = state.store.staging_dir()
+            try:
+                box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
+                path, kind = await staged_face(form, staging)
+                settings = settings_for(path, box, fps)
 
-            def prepare():
-                with state.preparing:
-                    return state.store.create(path, settings, state.generator.device, kind=kind)
+                def prepare():
+                    with state.preparing:
+                        return state.store.create(path, settings, state.generator.device, kind=kind,
+                                                  wanted=lambda: not abandoned.is_set())
 
-            return JSONResponse(await asyncio.to_thread(prepare), status_code=201)
-        finally:
-            await form.close()
-            shutil.rmtree(staging, ignore_errors=True)
+                return JSONResponse(await asyncio.to_thread(prepare), status_code=201)
+            finally:
+                await form.close()
+                shutil.rmtree(staging, ignore_errors=True)
+        except asyncio.CancelledError:
+            # uvicorn cancels requests still running when --shutdown_timeout runs out: the
+            # preparation thread, when it finishes, saves nothing, and the client is told
+            abandoned.set()
+            raise ApiError(503, SHUTDOWN_MESSAGE) from None
 
     @app.post("/v1/lipsync")
     async def lipsync(request: Request):
@@ -452,6 +461,11 @@ def create_app(state: ServerState):
             if state.frame_sink is not None:
                 sink = lambda i, frame: state.frame_sink(sid, i, frame)  # noqa: E731
             await asyncio.to_thread(run_inference, cfg, sink, state.generator)
+        except asyncio.CancelledError:  # see create_avatar
+            state.release(sid)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise ApiError(503, SHUTDOWN_MESSAGE) from None
         except BaseException:
             state.release(sid)
             if staging is not None:

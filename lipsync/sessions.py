@@ -49,7 +49,7 @@ from lipsync.streaming import FrameWindows, StreamError, pcm16_to_float
 log = logging.getLogger(__name__)
 
 SAMPLE_BYTES = 2                 # signed 16-bit PCM
-MAX_GROUP = 32                   # windows handed to the render path at once
+MAX_GROUP = 16                   # windows handed to the render path at once (the most frames posted in one burst)
 IDLE_SWING_S = 1.0               # idle frames wander at most this far (seconds of video) from the next talk frame
 MAX_TEXT_BYTES = 4096
 
@@ -69,7 +69,9 @@ class StreamOptions:
     ``idle_grace``: seconds past the expected arrival of the next audio message (the last one's
     arrival plus its duration) before idle frames start; negative: never send idle frames.
     ``idle_timeout``: seconds without audio after which the session ends with an error.
-    ``send_buffer``: frames queued per session for a slow reader before the oldest are dropped.
+    ``send_buffer``: frames queued per session for a slow reader before the oldest are dropped (at
+    least ``MAX_GROUP``: the render thread posts up to that many frames at once, which a reader that
+    keeps up must not lose).
     ``max_pending``: frames of audio received but not yet rendered before the socket is no longer read.
     ``max_message_bytes``: the largest PCM message accepted (default 1 s of audio).
     """
@@ -299,7 +301,7 @@ class StreamSession:
     async def run(self, ws) -> None:
         """Serve the accepted WebSocket ``ws`` (Starlette) until the stream is over."""
         self.loop = asyncio.get_running_loop()
-        self.outbox = Outbox(self.options.send_buffer)
+        self.outbox = Outbox(max(MAX_GROUP, self.options.send_buffer))
         self._thread = threading.Thread(target=self._render, name=f"session-{self.sid}", daemon=True)
         self._thread.start()
         sender = asyncio.create_task(self._send(ws))
@@ -390,6 +392,18 @@ class StreamSession:
         return True
 
     async def _send(self, ws) -> None:
+        from starlette.websockets import WebSocketDisconnect
+
+        try:
+            await self._send_all(ws)
+        except (WebSocketDisconnect, OSError):
+            self.stop()   # the client is gone: nobody to send to
+        except RuntimeError as exc:  # Starlette: sending after the connection was closed
+            if "close" not in str(exc).lower() and "disconnect" not in str(exc).lower():
+                raise
+            self.stop()
+
+    async def _send_all(self, ws) -> None:
         fps = self.avatar.fps
         while True:
             item = await self.outbox.get()
