@@ -1,5 +1,5 @@
 """serve.py as a real process (uvicorn on a free local port): many sessions at once with a slow
-reader, a client sending garbage and one vanishing; SIGTERM during streams and uploads; restart
+reader, a client sending garbage and one vanishing; SIGTERM during a stream and uploads; restart
 keeps avatars; stream_client.py; refusal of a public --host without --token."""
 import json
 import os
@@ -89,7 +89,8 @@ def assets(tmp_path_factory):
     torch.save({"state_dict": Wav2Lip(img_size=96, width=0.25).eval().state_dict()}, ckpt)
     wav = audio.load_wav(WAV)
     return {"dir": d, "ckpt": ckpt, "video": make_face_video(d / "face.mp4", 20), "pcm": pcm16(wav),
-            "video_720p": make_face_video(d / "face720.mp4", 10, size=(1280, 720))}
+            "video_720p": make_face_video(d / "face720.mp4", 10, size=(1280, 720)),
+            "long": make_face_video(d / "long.mp4", 100)}
 
 
 def stopped_cleanly(server, expected_errors=()):
@@ -191,30 +192,59 @@ def test_many_sessions_at_once(assets, tmp_path):
 
 
 def test_sigterm_restart_and_stream_client(assets, tmp_path):
-    """SIGTERM ends a running stream with an error message and a clean close (1001), the process
-    exits 0; a restarted server has the avatar, and stream_client.py writes its frames + audio."""
+    """SIGTERM while a stream runs, an avatar is being prepared and another upload is still
+    arriving: the stream ends with an error message and a clean close (1001); the prepared avatar is
+    finished, or (cut by --shutdown_timeout) its client is told and nothing is made; the unfinished
+    upload is dropped; nothing half-made remains. A restarted server has the avatars, and
+    stream_client.py writes the frames it receives with the audio."""
     avatars = tmp_path / "avatars"
-    server = Server(assets["ckpt"], avatars, tmp_path / "log1.txt")
+    server = Server(assets["ckpt"], avatars, tmp_path / "log1.txt", "--shutdown_timeout", "3")
     avatar_id = server.upload(assets["video"], box=BOX).json()["avatar_id"]
+    body = b"x" * 100_000
+    partial = socket.create_connection(("127.0.0.1", server.port))  # an upload that never finishes arriving
+    partial.sendall(b"POST /v1/avatars HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                    + f"Content-Length: {2 * len(body)}\r\n\r\n".encode() + body)
     result = {}
     streaming = threading.Event()
 
-    def run():
-        result["r"] = stream_audio(server.url, avatar_id, assets["pcm"], chunk_ms=100,
-                                   on_frame=lambda i: streaming.set())
+    def stream():
+        result["stream"] = stream_audio(server.url, avatar_id, assets["pcm"], chunk_ms=100,
+                                        on_frame=lambda i: streaming.set())
 
-    t = threading.Thread(target=run)
-    t.start()
+    def upload():  # detection over 100 frames takes a while
+        try:
+            result["upload"] = server.upload(assets["long"])
+        except httpx.TransportError as exc:
+            result["upload"] = exc
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=upload)]
+    for t in threads:
+        t.start()
+    staging = avatars / ".staging"
+    deadline = time.monotonic() + 120
+    while not (staging.exists() and any((staging / d / "face").exists() for d in os.listdir(staging))):
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.01)
     assert streaming.wait(120), server.output()
-    stopped_cleanly(server)
-    t.join(60)
-    r = result["r"]
+    # the upload that never finishes is cut when --shutdown_timeout runs out (uvicorn says so)
+    stopped_cleanly(server, expected_errors=["timeout graceful shutdown exceeded"])
+    for t in threads:
+        t.join(120)
+    partial.close()
+
+    r = result["stream"]
     assert r.error == "the server is shutting down" and r.close_code == 1001 and r.order == list(range(len(r.order)))
+    made = sorted(n for n in os.listdir(avatars) if not n.startswith("."))
+    up = result["upload"]
+    if isinstance(up, httpx.Response) and up.status_code == 201:
+        assert made == sorted([avatar_id, up.json()["avatar_id"]])
+    else:  # cut by --shutdown_timeout: told so, and nothing made
+        assert isinstance(up, httpx.Response) and up.status_code == 503 and made == [avatar_id], (up, made)
     no_leftovers(avatars)
 
     again = Server(assets["ckpt"], avatars, tmp_path / "log2.txt")
     try:
-        assert [a["avatar_id"] for a in httpx.get(again.url + "/v1/avatars").json()["avatars"]] == [avatar_id]
+        assert sorted(a["avatar_id"] for a in httpx.get(again.url + "/v1/avatars").json()["avatars"]) == made
         import stream_client
 
         wav = tmp_path / "speech.wav"
@@ -231,45 +261,6 @@ def test_sigterm_restart_and_stream_client(assets, tmp_path):
             stream_audio(again.url, "0123456789abcdef", assets["pcm"][:4000])
     finally:
         stopped_cleanly(again)
-
-
-def test_sigterm_during_avatar_uploads_leaves_no_half_made_avatar(assets, tmp_path):
-    """SIGTERM while one upload is still arriving and another is being prepared: the prepared one is
-    finished (or not made at all), the unfinished one is dropped, and nothing half-made remains."""
-    avatars = tmp_path / "avatars"
-    big = make_face_video(tmp_path / "long.mp4", 100)  # detection takes a while
-    server = Server(assets["ckpt"], avatars, tmp_path / "log.txt", "--shutdown_timeout", "3")
-    # an upload that never finishes arriving
-    body = b"x" * 100_000
-    partial = socket.create_connection(("127.0.0.1", server.port))
-    partial.sendall(b"POST /v1/avatars HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                    + f"Content-Length: {2 * len(body)}\r\n\r\n".encode() + body)
-    result = {}
-
-    def upload():
-        try:
-            result["r"] = server.upload(big)
-        except httpx.TransportError as exc:
-            result["r"] = exc
-
-    t = threading.Thread(target=upload)
-    t.start()
-    staging = avatars / ".staging"
-    deadline = time.monotonic() + 120
-    while not (staging.exists() and any((staging / d / "face").exists() for d in os.listdir(staging))):
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.01)
-    # the upload that never finishes is cut when --shutdown_timeout runs out (uvicorn says so)
-    stopped_cleanly(server, expected_errors=["timeout graceful shutdown exceeded"])
-    t.join(120)
-    partial.close()
-    r = result["r"]
-    made = [n for n in os.listdir(avatars) if not n.startswith(".")]
-    if isinstance(r, httpx.Response) and r.status_code == 201:
-        assert made == [r.json()["avatar_id"]]
-    else:  # cut by --shutdown_timeout: told so, and nothing made
-        assert isinstance(r, httpx.Response) and r.status_code == 503 and made == [], (r, made)
-    no_leftovers(avatars)
 
 
 def test_a_public_host_needs_a_token(assets, capsys):
