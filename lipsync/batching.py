@@ -33,7 +33,7 @@ class BatcherClosed(RuntimeError):
 class _Request:
     owner: Hashable
     mels: np.ndarray                 # (B, 80, 16) float32
-    faces: np.ndarray                # (B, S, S, 3) uint8
+    faces: object                    # (B, S, S, 3) uint8: numpy, or a tensor on the generator's device
     keys: Optional[list]
     done: threading.Event = field(default_factory=threading.Event)
     result: Optional[np.ndarray] = None
@@ -84,9 +84,9 @@ class Batcher:
         rows of a shared forward pass are ready; raises BatcherClosed after :meth:`close`."""
         return lambda mels, faces, keys: self.generate(owner, mels, faces, keys)
 
-    def generate(self, owner: Hashable, mels: np.ndarray, faces: np.ndarray, keys: Optional[list] = None
-                 ) -> np.ndarray:
-        """(B, 80, 16) mel windows + (B, S, S, 3) uint8 crops of ``owner`` -> (B, S, S, 3) uint8 faces."""
+    def generate(self, owner: Hashable, mels: np.ndarray, faces, keys: Optional[list] = None):
+        """(B, 80, 16) mel windows + (B, S, S, 3) uint8 crops of ``owner`` -> (B, S, S, 3) uint8 faces
+        (numpy; a tensor on the generator's device when the crops are a tensor)."""
         if self._closed.is_set():
             raise BatcherClosed("the server is shutting down")
         req = _Request(owner, mels, faces, keys)
@@ -152,11 +152,20 @@ class Batcher:
     def _forward(self, batch: List[_Request]) -> None:
         try:
             mels = np.concatenate([r.mels for r in batch])          # (sum B, 80, 16)
-            faces = np.concatenate([r.faces for r in batch])        # (sum B, S, S, 3)
+            # crops come as numpy arrays, or as device tensors from sessions that compose on the
+            # device (lipsync.gpu.TorchComposer); those want device tensors back
+            tensors = [not isinstance(r.faces, np.ndarray) for r in batch]
+            if any(tensors):
+                import torch
+
+                device = self.generator.device
+                faces = torch.cat([torch.as_tensor(r.faces).to(device) for r in batch])  # (sum B, S, S, 3)
+            else:
+                faces = np.concatenate([r.faces for r in batch])    # (sum B, S, S, 3)
             keys = None
             if all(r.keys is not None for r in batch):
                 keys = [k for r in batch for k in r.keys]
-            out = self.generator.generate(mels, faces, keys)
+            out = self.generator.generate(mels, faces, keys, as_tensor=any(tensors))
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of this batch
             log.exception("generator call failed")
             for r in batch:
@@ -169,7 +178,8 @@ class Batcher:
         s.requests += len(batch)
         s.most_sessions = max(s.most_sessions, len({r.owner for r in batch}))
         k = 0
-        for r in batch:
-            r.result = out[k:k + len(r.mels)]
+        for r, tensor in zip(batch, tensors):
+            rows = out[k:k + len(r.mels)]
+            r.result = rows if tensor or isinstance(rows, np.ndarray) else rows.cpu().numpy()
             k += len(r.mels)
             r.done.set()

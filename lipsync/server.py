@@ -494,7 +494,7 @@ def create_app(state: ServerState):
             except Wav2LipError as exc:
                 return await deny(ws, 422, f"avatar {avatar_id} cannot be used: {exc}")
             session = StreamSession(sid, avatar, state.batcher.generate_for(sid), config.stream, state.idle,
-                                    state.frame_sink)
+                                    state.frame_sink, device=state.generator.device)
             await ws.accept()
             with state.lock:
                 state.sessions[sid] = session

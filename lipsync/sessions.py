@@ -37,6 +37,7 @@ from typing import Callable, Deque, List, Optional, Tuple
 
 import cv2
 import numpy as np
+import torch
 
 import audio
 from lipsync.avatar import Avatar
@@ -73,11 +74,14 @@ class StreamOptions:
     least ``MAX_GROUP``: the render thread posts up to that many frames at once, which a reader that
     keeps up must not lose).
     ``max_pending``: frames of audio received but not yet rendered before the socket is no longer read.
-    ``max_message_bytes``: the largest PCM message accepted (default 1 s of audio).
+    ``max_message_bytes``: the largest PCM message accepted (default 1 s of audio). ``on_device``:
+    crop and paste on the generator's device (:class:`lipsync.gpu.TorchComposer`; None: on CUDA),
+    as :func:`lipsync.engine.render` does.
     """
 
     blend: str = "feather"
     loop: str = "repeat"
+    on_device: Optional[bool] = None
     jpeg_quality: int = 80
     idle_grace: float = 0.25
     idle_timeout: float = 300.0
@@ -219,17 +223,19 @@ class StreamSession:
 
     ``generate``: the session's generate function (its share of the batcher). ``frame_sink(sid, i,
     frame)``: receives every talk frame before JPEG encoding (tests compare them with offline
-    frames). ``idle``: the server's shared :class:`IdleFrames`.
+    frames). ``idle``: the server's shared :class:`IdleFrames`. ``device``: the generator's device
+    (for ``options.on_device``).
     """
 
     def __init__(self, sid: str, avatar: Avatar, generate: GenerateFn, options: StreamOptions, idle: IdleFrames,
-                 frame_sink: Optional[FrameSink] = None):
+                 frame_sink: Optional[FrameSink] = None, device=None):
         self.sid = sid
         self.avatar = avatar
         self.generate = generate
         self.options = options
         self.idle = idle
         self.frame_sink = frame_sink
+        self.device = torch.device(device or "cpu")
         self.windows = FrameWindows(avatar.fps)
         self.produced = 0                  # talk frames rendered (render thread)
         self.sent = 0                      # talk frames written to the socket
@@ -270,8 +276,13 @@ class StreamSession:
     def _render(self) -> None:
         opts = self.options
         try:
+            composer = None
+            if opts.on_device if opts.on_device is not None else self.device.type == "cuda":
+                from lipsync.gpu import TorchComposer
+
+                composer = TorchComposer(self.avatar.img_size, opts.blend, self.device)
             frames = render_windows(self.generate, self.avatar, self._window_groups(), n_out=None, loop=opts.loop,
-                                    blend=opts.blend, cache_faces=True)
+                                    blend=opts.blend, cache_faces=True, composer=composer)
             try:
                 for i, frame in enumerate(frames):
                     if self.cancel.is_set():

@@ -336,6 +336,29 @@ def test_streamed_frames_equal_offline_frames(media, served, chunk_ms):
         assert np.abs(jpeg.astype(int) - a).mean() < 4  # the JPEG is that frame
 
 
+def test_the_device_composer_path(media, tmp_path):
+    """What a CUDA server runs (crop and paste by lipsync.gpu.TorchComposer, crops and faces as
+    device tensors through the batcher), here on the CPU: frames equal render(..., on_device=True)
+    up to a grey level on a few pixels."""
+    sink = Frames()
+    pcm = media["pcm"][:6400]
+    with make_client(media, tmp_path, sink=sink, stream=StreamOptions(on_device=True)) as client:
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+            stream_pcm(ws, pcm, 100)
+            frames, _, last, _ = read_stream(ws)
+    (sid,) = sink.by_session
+    streamed = sink.of(sid)
+    avatar = load_avatar(str(tmp_path / "avatars" / avatar_id), 96)
+    offline = list(render(media["gen"], avatar, pcm.astype(np.float32) / 32768, on_device=True))
+    assert len(streamed) == len(offline) == last["frames"] == len(frames) == 10
+    for a, b in zip(streamed, offline):
+        # torch's float reductions (the paste's colour fit) round with the thread count the CPU
+        # tuner last chose: a grey level on a few pixels
+        diff = np.abs(a.astype(int) - b)
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 10
+
+
 def test_frames_leave_before_the_end(media, served):
     """Without the end message, every frame whose window the audio sent so far completes arrives."""
     client, avatar_id, _, _ = served
@@ -438,6 +461,28 @@ def test_batcher_runs_sessions_together(media):
     batcher.close()
     with pytest.raises(BatcherClosed):
         batcher.generate("a", mels[:1], faces[:1])
+
+
+def test_batcher_takes_device_tensors(media):
+    """Crops as tensors (sessions composing on the device) get tensors back, numpy gets numpy, in
+    one call."""
+    rng = np.random.default_rng(1)
+    mels = rng.standard_normal((3, 80, 16)).astype(np.float32)
+    faces = rng.integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)
+    alone = media["gen"].generate(mels, faces)
+    batcher = Batcher(media["gen"], max_batch=64, max_wait=5.0, busy=lambda: {"t", "n"})
+    results = {}
+    threads = [threading.Thread(target=lambda: results.__setitem__(
+                   "t", batcher.generate("t", mels[:2], torch.from_numpy(faces[:2])))),
+               threading.Thread(target=lambda: results.__setitem__("n", batcher.generate("n", mels[2:], faces[2:])))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    batcher.close()
+    assert isinstance(results["t"], torch.Tensor) and isinstance(results["n"], np.ndarray)
+    assert batcher.stats.calls == 1
+    assert np.array_equal(np.concatenate([results["t"].numpy(), results["n"]]), alone)
 
 
 def test_batcher_does_not_wait_for_idle_sessions(media):
