@@ -489,9 +489,10 @@ def video_timeline_filters(info: MediaInfo, rate: Rate) -> List[str]:
 
 
 def audio_input_args(path: str, input_index: int) -> Tuple[List[str], List[str], MediaInfo, StreamInfo]:
-    """(input args, output args) that add ``path``'s audio, on its timeline, as the audio of an
-    output whose other input is number ``input_index - 1``; raises :class:`MediaError` when it has
-    no audio stream. The command must carry ``-copyts``."""
+    """(input args, output args, its MediaInfo, its audio StreamInfo) that add ``path``'s first
+    audio stream, on its timeline, to an ffmpeg command in which this input is number
+    ``input_index`` (0 when it is the only input). The command must carry ``-copyts``. Raises
+    :class:`MediaError` when the file has no audio stream or cannot be probed."""
     info = probe_media(path)
     stream = info.audio
     if stream is None:
