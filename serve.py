@@ -17,7 +17,7 @@ import os
 import sys
 
 from face_detection import BACKENDS
-from lipsync.cli import DEVICE_HELP, HelpFormatter
+from lipsync.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, THREADS_HELP, HelpFormatter
 from lipsync.device import DEVICE_CHOICES
 from lipsync.errors import Wav2LipError
 from lipsync.sessions import MAX_GROUP
@@ -42,11 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
              f"${TOKEN_ENV}, else none")
     add("--max_sessions", type=int, default=8, help="streams plus /v1/lipsync jobs at once; more get 503")
     add("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
-    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="generator precision: auto = bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp16 on CUDA, "
-             "else fp32")
-    add("--threads", type=int, default=None, help="CPU threads for the generator (None: chosen while running "
-                                                  "from measured speed)")
+    add("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    add("--threads", type=int, default=None, help=THREADS_HELP)
     add("--face_detector", choices=BACKENDS, default="sfd",
         help="detector for uploaded faces without a box: sfd (S3FD, needs s3fd.pth) or lbp (no download)")
     add("--s3fd_path", default=None, help="S3FD weights (None: face_detection/detection/sfd/s3fd.pth)")

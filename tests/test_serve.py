@@ -20,7 +20,7 @@ from lipsync.generator import Generator
 from lipsync.inference import InferenceConfig, run_inference
 from lipsync.video import count_frames, probe_video
 from media import astronaut, make_face_video, tone_wav
-from models import Wav2Lip
+from serving import tiny_checkpoint
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -39,9 +39,7 @@ TOKEN = "s3cret-token"
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    ckpt = str(d / "wav2lip_tiny.pth")
-    torch.save({"state_dict": Wav2Lip(img_size=96, width=0.25).eval().state_dict()}, ckpt)
+    ckpt = tiny_checkpoint(d / "wav2lip_tiny.pth")
     # micro_batch=1: every frame runs alone, so frames do not depend on how they were batched and the
     # streamed frames can be compared with the offline ones bit for bit
     generator = Generator(ckpt, device="cpu", precision="fp32", micro_batch=1)

@@ -12,13 +12,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import audio
 from conftest import REFERENCE, ROOT
 from lipsync.avatar import load_avatar
 from media import make_face_video
-from models import Wav2Lip
+from serving import tiny_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -84,9 +83,7 @@ class Server:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve_process")
-    torch.manual_seed(0)
-    ckpt = str(d / "wav2lip_tiny.pth")
-    torch.save({"state_dict": Wav2Lip(img_size=96, width=0.25).eval().state_dict()}, ckpt)
+    ckpt = tiny_checkpoint(d / "wav2lip_tiny.pth")
     wav = audio.load_wav(WAV)
     return {"dir": d, "ckpt": ckpt, "video": make_face_video(d / "face.mp4", 20), "pcm": pcm16(wav),
             "video_720p": make_face_video(d / "face720.mp4", 10, size=(1280, 720)),
