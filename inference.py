@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--on_missing_face", choices=("passthrough", "fail"), default="passthrough",
         help="a frame without a face: keep it unchanged, or stop")
     add("--quiet", action="store_true", help=QUIET_HELP)
+    from lipsync.media import add_ffmpeg_arg
+
+    add_ffmpeg_arg(p)
     return p
 
 
@@ -144,8 +147,10 @@ def main(argv=None) -> int:
 
 
 def _run(args, audios, argv) -> int:
-    from lipsync.inference import InferenceConfig, load_generator, run_many
+    from lipsync.inference import InferenceConfig, run_many
+    from lipsync.media import use_ffmpeg
 
+    use_ffmpeg(args.ffmpeg)
     given = explicit_flags(argv if argv is not None else sys.argv[1:]) if args.avatar else {}
     cfg = InferenceConfig(
         checkpoint_path=args.checkpoint_path, face=args.face, audio=audios[0] if audios else "",
