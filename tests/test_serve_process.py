@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,10 +12,10 @@ import numpy as np
 import pytest
 
 import audio
-from conftest import REFERENCE, ROOT
+from conftest import REFERENCE
 from lipsync.avatar import load_avatar
 from media import make_face_video
-from serving import tiny_checkpoint
+from serving import Server, tiny_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -26,58 +24,6 @@ from lipsync.client import ClientError, pcm16, stream_audio  # noqa: E402
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
 BOX = "40 200 60 196"
 BOX_720P = "112 562 300 980"  # the same face in the 1280x720 video
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``serve.py`` in a subprocess with a tiny generator; its log goes to ``log``."""
-
-    def __init__(self, ckpt, avatars_dir, log, *flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--checkpoint_path", ckpt, "--port", str(self.port),
-               "--avatars_dir", str(avatars_dir), "--face_detector", "lbp", "--precision", "fp32",
-               "--log_level", "warning", *flags]
-        self.out = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve.py exited with {self.proc.returncode}:\n{open(log).read()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop(signal.SIGKILL)
-                raise AssertionError("serve.py did not start:\n" + open(log).read())
-            time.sleep(0.2)
-
-    def health(self):
-        return httpx.get(self.url + "/healthz", timeout=10).json()
-
-    def upload(self, path, **fields):
-        with open(path, "rb") as fh:
-            return httpx.post(self.url + "/v1/avatars", files={"file": ("face.mp4", fh)}, data=fields, timeout=120)
-
-    def stop(self, sig=signal.SIGTERM, timeout=60):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.out.close()
-
-    def output(self):
-        with open(self.log) as fh:
-            return fh.read()
 
 
 @pytest.fixture(scope="module")
