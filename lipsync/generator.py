@@ -263,6 +263,10 @@ class Generator:
             mbs = (micro_batch,) if micro_batch else CPU_MICRO_BATCHES
             self.tuner = CpuTuner(threads=threads, micro_batches=mbs)
         self.lock = threading.Lock()  # one forward at a time: threads and micro-batch are process-wide
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+        self._forward_thread: Optional[threading.Thread] = None
         self.bank = FaceBank(face_cache_mb) if face_cache_mb > 0 else None
 
     def describe(self) -> str:
@@ -322,12 +326,21 @@ class Generator:
 
         ``keys`` (one hashable per crop, e.g. (avatar key, source frame)) lets the face features of a
         crop seen before come from :attr:`bank` instead of the face encoder. On the CPU the batch runs
-        in tuned micro-batches; one forward runs at a time (threads are process-wide).
+        in tuned micro-batches. Every call, from any thread, runs on the generator's one forward thread:
+        one forward at a time, and one OpenMP thread team (teams of several calling threads would
+        spin against each other for the same cores).
         """
         n = len(mels)
         if n == 0:
             empty = np.zeros((0, self.img_size, self.img_size, 3), np.uint8)
             return torch.from_numpy(empty).to(self.device) if as_tensor else empty
+        if threading.current_thread() is self._forward_thread:
+            return self._generate(mels, faces, keys, as_tensor)
+        return self._executor.submit(self._generate, mels, faces, keys, as_tensor).result()
+
+    def _generate(self, mels, faces, keys, as_tensor):
+        self._forward_thread = threading.current_thread()
+        n = len(mels)
         out = []
         k = 0
         with self.lock:

@@ -195,7 +195,7 @@ def test_saving_over_a_folder_of_other_files_is_refused(env, tmp_path):
 def test_threads_flag_and_tuner(env, tmp_path, monkeypatch):
     seen = set()
     real = Generator.decode
-    monkeypatch.setattr(Generator, "decode", lambda self, m, f: (seen.add(torch.get_num_threads()), real(self, m, f))[1])
+    monkeypatch.setattr(Generator, "decode", lambda self, *a: (seen.add(torch.get_num_threads()), real(self, *a))[1])
     summary, _ = frames_of(cfg_for(env, tmp_path, threads=1, box=[40, 200, 60, 196]))
     assert "1 thread(s)" in summary.tuning and seen == {1}
 
