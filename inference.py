@@ -15,7 +15,7 @@ import os
 import sys
 
 from face_detection import BACKENDS
-from lipsync.cli import DEVICE_HELP, QUIET_HELP, HelpFormatter
+from lipsync.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, QUIET_HELP, THREADS_HELP, HelpFormatter
 from lipsync.device import DEVICE_CHOICES
 
 # flags that decide an avatar's frames and boxes, as avatar.json names them
@@ -77,11 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "--audio, also lip-sync")
     add("--avatar", metavar="DIR", help="use a face saved with --save_avatar instead of --face")
     add("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
-    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="generator precision: auto = bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp16 on CUDA, "
-             "else fp32; fp32 in parity mode")
-    add("--threads", type=int, default=None, help="CPU threads for the generator (None: chosen while running "
-                                                  "from measured speed)")
+    add("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP + "; fp32 in parity mode")
+    add("--threads", type=int, default=None, help=THREADS_HELP)
     add("--half", action="store_true", help="the same as --precision fp16")
     add("--encoder", choices=("auto", "libx264", "h264_nvenc"), default="auto",
         help="H.264 encoder: auto = h264_nvenc on CUDA when ffmpeg has it, else libx264")

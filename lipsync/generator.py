@@ -26,7 +26,7 @@ from lipsync.errors import Wav2LipError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from lipsync.cli import PRECISIONS  # noqa: E402  (the flag and the library share one list)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Micro-batches tried on the CPU. Small batches keep activations in cache (8 frames ran ~20% faster per
