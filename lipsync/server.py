@@ -319,6 +319,18 @@ def _file(form, name: str):
 # ------------------------------------------------------------------------------------------------
 # The app
 # ------------------------------------------------------------------------------------------------
+def warm_up_mel() -> None:
+    """Compute one streaming mel before serving: the first STFT imports librosa's (numba compiles and
+    loads its caches), seconds that would otherwise stall the event loop, and so every stream, when
+    the first audio of the first stream arrives."""
+    import numpy as np
+
+    import audio
+    from lipsync.streaming import FrameWindows
+
+    FrameWindows(25.0).push(np.zeros(audio.SAMPLE_RATE // 2, np.float32))  # 0.5 s: some columns are final
+
+
 def create_app(state: ServerState):
     """The FastAPI app serving ``state`` (closed with the app's lifespan)."""
     from lipsync.inference import InferenceConfig
@@ -328,6 +340,7 @@ def create_app(state: ServerState):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.store.cleanup()
+        await asyncio.to_thread(warm_up_mel)
         yield
         await state.close()
 
