@@ -79,20 +79,23 @@ _stale_mel_warned = False
 
 
 def load_clip_mel(clip_dir: str, hp) -> np.ndarray:
-    """(num_mels, T) mel of a preprocessed clip for hparams ``hp``: the cached ``mel.npy`` when
-    done.json records that it was made with ``hp``'s audio front end (:func:`audio.mel_params`),
-    else recomputed from ``audio.wav`` (a cache made with other parameters, or by a version that did
-    not record them, is never used as if it were right; a warning says so once per process)."""
+    """(num_mels, T) mel of a preprocessed clip for hparams ``hp``: the cached ``mel.npy`` when it
+    was made with ``hp``'s audio front end (:func:`audio.mel_params`), else recomputed from
+    ``audio.wav`` (a warning says so once per process). done.json's ``mel_params`` says how the
+    cache was made; a cache without them predates the record, when preprocess.py could only make
+    mels with the defaults, so it counts as made with the defaults."""
     import audio
 
     global _stale_mel_warned
     cached = os.path.join(clip_dir, "mel.npy")
-    if os.path.isfile(cached) and read_done(clip_dir).get("mel_params") == audio.mel_params(hp):
+    wanted = audio.mel_params(hp)
+    made_with = read_done(clip_dir).get("mel_params", audio.mel_params())
+    if os.path.isfile(cached) and made_with == wanted:
         return np.load(cached)
     if os.path.isfile(cached) and not _stale_mel_warned:
         _stale_mel_warned = True
-        log.warning("%s: mel.npy was made with other audio parameters than these hparams (or does not say); "
-                    "recomputing mels from audio.wav (rerun preprocess.py to refresh the caches)", clip_dir)
+        log.warning("%s: mel.npy was made with other audio parameters than these hparams; recomputing mels "
+                    "from audio.wav", clip_dir)
     return audio.melspectrogram(audio.load_wav(os.path.join(clip_dir, "audio.wav"), hp.sample_rate), hp)
 
 

@@ -455,9 +455,13 @@ def test_cached_mel_is_used_only_with_its_parameters(tmp_path):
     other = load_clip_mel(clip, hparams.get_hparams("tiny", "hop_size=160"))   # recomputed, 100 columns/s
     assert other.shape == (80, int(len(audio.load_wav(os.path.join(clip, "audio.wav"))) // 160 + 1))
     done = read_done(clip)
-    del done["mel_params"]  # a cache that does not say how it was made is not trusted either
+    done["mel_params"] = dict(done["mel_params"], fmax=8000.0)  # made some other way: recomputed
     write_json_atomic(done, os.path.join(clip, "done.json"))
     assert np.allclose(load_clip_mel(clip, hparams.get_hparams("tiny")), real, atol=1e-5)
+    del done["mel_params"]  # from before the record: preprocess.py could only make the defaults
+    write_json_atomic(done, os.path.join(clip, "done.json"))
+    assert not load_clip_mel(clip, hparams.get_hparams("tiny")).any()
+    assert load_clip_mel(clip, hparams.get_hparams("tiny", "fmax=8000")).any()
 
 
 def test_evaluation_reads_a_late_audio_video_on_its_timeline(src, tmp_path):
