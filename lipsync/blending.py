@@ -40,7 +40,8 @@ BLEND_MODES = ("feather", "none")
 FEATHER_CENTER = (0.5, 0.71)   # (x, y)
 FEATHER_RADII = (0.44, 0.26)   # (x, y): spans x 0.06..0.94, y 0.45..0.97
 FEATHER_INNER = 0.55           # full weight inside this fraction of the radii
-GAIN_RIDGE = 0.001  # pull of the colour fit's gain towards 1 (relative to the ring's total weight)
+MIN_GAIN = 0.5                 # the colour gain stays within [MIN_GAIN, 1 / MIN_GAIN]
+ROBUST_SCALE = 12.0            # grey levels: residuals further than this off the plane count less
 COLOUR_FIT_SIZE = 24           # the colour plane is fitted on crops reduced to this many pixels a side
 
 
@@ -60,6 +61,15 @@ def feather_mask(size: int) -> np.ndarray:
     v = (centres[:, None] - FEATHER_CENTER[1]) / FEATHER_RADII[1]         # (size, 1)
     t = np.clip((1.0 - np.sqrt(u * u + v * v)) / (1.0 - FEATHER_INNER), 0.0, 1.0)  # (size, size)
     return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per column of ``values`` (N, C): the value where the cumulative ``weights`` (N,) reach
+    half their total. Returns (C,)."""
+    order = np.argsort(values, axis=0)                                      # (N, C)
+    cum = np.cumsum(weights[order], axis=0)                                 # (N, C)
+    idx = (cum < 0.5 * cum[-1]).sum(axis=0)                                 # (C,) first index past half
+    return np.take_along_axis(values, order, axis=0)[idx, np.arange(values.shape[1])]
 
 
 def _plane_design(n: int) -> np.ndarray:
@@ -92,38 +102,46 @@ class Blender:
         rows = np.nonzero(self.mask.max(axis=1) > 0)[0]
         # rows of the crop the mask touches, as fractions, so a paste only computes those rows
         self._rows = (rows[0] / self.size, (rows[-1] + 1) / self.size) if len(rows) else (0.0, 0.0)
-        # weighted least squares over the feather ring, per frame: the fit's weights and design are
-        # fixed here; only the gain column (the generated face's own grey levels) changes per frame
+        # the colour fit's weights (the feather ring) and plane design depend on the mask alone
         n = COLOUR_FIT_SIZE
         m = cv2.resize(self.mask, (n, n), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
         self._ring = (m * (1.0 - m)).astype(np.float32)                    # (n*n,) peaks where m = 1/2
         self._design = _plane_design(n).astype(np.float32)                 # (n*n, 3)
         # a mask with no ring (all 0 / 1) gives nothing to fit: paste without colour correction
         self._fit = self._ring.sum() > 0 and np.linalg.matrix_rank(self._design * self._ring[:, None]) == 3
+        if self._fit:   # plane = projector @ residual: (A'WA)^-1 A'W, (3, n*n)
+            aw = self._design.T * self._ring
+            self._projector = np.linalg.solve(aw @ self._design, aw).astype(np.float32)
 
     def colour_fit(self, region: np.ndarray, face: np.ndarray) -> np.ndarray:
-        """The colour correction of one paste, per channel: ``corrected = face + (g - 1) * face + a
-        + b * x + c * y`` fitted to ``region`` over the feather ring (weighted least squares; x, y
-        run -0.5..0.5 across the box; grey levels). Returns (4, C) float32 rows ``g - 1, a, b, c``.
-        The gain is pulled towards 1 (ridge) and kept within [0.5, 2], so a flat or strange face
-        gets an offset, never a negative or runaway contrast.
+        """The colour correction of one paste, per channel: ``corrected = g * face + a + b * x +
+        c * y`` (grey levels; x, y run -0.5..0.5 across the box), matched to ``region`` over the
+        feather ring. Returns (4, C) float32 rows ``g, a, b, c``.
+
+        The gain ``g`` is the ratio of the two crops' weighted medians over the ring, kept within
+        [MIN_GAIN, 1 / MIN_GAIN]: a ratio of levels, not a regression, because the ring also sees
+        mouths and jaws that differ between the frame and the generated face, and a regression
+        reads that as "no relation", flattens the gain and lifts a dark mouth to grey (measured: a
+        demo mouth's correlation with the speech fell from 0.87 to 0.21). The plane is a weighted
+        least-squares fit of ``region - g * face`` with one robust reweighting pass, so a mouth
+        reaching into the ring does not tilt it.
 
         ``region``: the frame's crop under the box (h, w, C) uint8; ``face``: the generated face
         (size, size, C) uint8."""
         n = COLOUR_FIT_SIZE
         o = cv2.resize(region, (n, n), interpolation=cv2.INTER_AREA).reshape(n * n, -1).astype(np.float32)
-        g = cv2.resize(face, (n, n), interpolation=cv2.INTER_AREA).reshape(n * n, -1).astype(np.float32)
-        channels = g.shape[1]
-        coef = np.zeros((4, channels), np.float32)
-        w = self._ring
-        for c in range(channels):
-            a = np.concatenate([g[:, c:c + 1] / 255.0, self._design], axis=1)   # (n*n, 4)
-            aw = a.T * w                                                        # (4, n*n)
-            gram = aw @ a
-            gram[0, 0] += GAIN_RIDGE * w.sum()
-            coef[:, c] = np.linalg.solve(gram, aw @ (o[:, c] - g[:, c]))
-        coef[0] = np.clip(coef[0] / 255.0, -0.5, 1.0)   # the fit's column was face / 255
-        return coef
+        f = cv2.resize(face, (n, n), interpolation=cv2.INTER_AREA).reshape(n * n, -1).astype(np.float32)
+        gain = np.clip((_weighted_median(o, self._ring) + 1.0) / (_weighted_median(f, self._ring) + 1.0),
+                       MIN_GAIN, 1.0 / MIN_GAIN)                                # (C,)
+        d = o - f * gain                                                        # (n*n, C)
+        plane = self._projector @ d                                             # (3, C)
+        # one Cauchy reweighting pass: pixels far off the plane (a mouth, a jaw) count less
+        r = d - self._design @ plane                                            # (n*n, C)
+        for c in range(d.shape[1]):
+            w = self._ring / (1.0 + (r[:, c] / ROBUST_SCALE) ** 2)
+            aw = self._design.T * w                                             # (3, n*n)
+            plane[:, c] = np.linalg.solve(aw @ self._design, aw @ d[:, c])
+        return np.vstack([gain[None], plane]).astype(np.float32)
 
     def paste(self, frame: np.ndarray, face: np.ndarray, coords: Coords) -> np.ndarray:
         """Paste ``face`` into ``frame`` in place and return ``frame``.
@@ -148,9 +166,10 @@ class Blender:
             coef = self.colour_fit(region, face)                            # (4, C)
             xs = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
             ys = (np.arange(r1, r2, dtype=np.float32) + 0.5) / h - 0.5
-            gen *= 1.0 + coef[0]
-            gen += (coef[1] + 0.5) + xs[None, :, None] * coef[2]            # + 0.5: round, not truncate
+            gen *= coef[0]
+            gen += coef[1] + xs[None, :, None] * coef[2]
             gen += ys[:, None, None] * coef[3]
+        gen += 0.5                                                          # round, not truncate
         np.clip(gen, 0, 255, out=gen)
         # m * face + (1 - m) * frame, in one pass of OpenCV's (faster than numpy's several)
         region[r1:r2] = cv2.blendLinear(gen.astype(np.uint8), region[r1:r2], m, 1.0 - m)
