@@ -252,10 +252,9 @@ class Generator:
         self.checkpoint_path = os.path.abspath(checkpoint_path)
         self.img_size = loaded.img_size
         self.width = loaded.width
-        model = fold_batchnorm(loaded.model).to(self.device, self.dtype)
         self.channels_last = self.device.type == "cpu"
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        layout = {"memory_format": torch.channels_last} if self.channels_last else {}
+        model = fold_batchnorm(loaded.model).to(self.device, self.dtype, **layout)  # one pass over the weights
         self.model = model.eval()
         self.threads = threads
         self.tuner: Optional[CpuTuner] = None

@@ -245,6 +245,11 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
     Wav2LipError / OSError of a job that failed in its place (the other jobs still run)."""
     t_start = time.perf_counter()
     validate(cfg)
+    # the first mel imports librosa's STFT (numba: seconds); let that happen while the model loads
+    import threading
+
+    warm = threading.Thread(target=audio.melspectrogram, args=(np.zeros(3200, np.float32),), daemon=True)
+    warm.start()
     generator = generator or load_generator(cfg)
     prep = Timings()
     avatar = get_avatar(cfg, generator, prep)

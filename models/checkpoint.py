@@ -168,9 +168,10 @@ def load_model(path, kind: str = "generator", device="cpu", img_size: int | None
     if img_size is not None and size != img_size:
         raise CheckpointError(f"{os.fspath(path)!r} is a {size}x{size} {kind}, but {img_size}x{img_size} "
                               "was asked for (check --preset / img_size)")
-    model = KINDS[kind][1](img_size=size, width=width)
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+        model = KINDS[kind][1](img_size=size, width=width)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise CheckpointError(f"{os.fspath(path)!r} does not fit the {size}x{size} {kind} layout "
