@@ -261,11 +261,28 @@ class StreamSession:
 
     # ---- the render thread ----------------------------------------------------------------------
     def _window_groups(self):
+        """The windows queued for rendering, in groups: whatever has arrived since the last group, up
+        to MAX_GROUP windows. A session that keeps up gets each message's frames at once; one that
+        falls behind its audio (the generator slower per frame in small batches than in large ones,
+        as on a CPU) catches up in larger, cheaper batches instead of falling further behind."""
+        waiting = None
         while True:
-            group = self._groups.get()
+            group = self._groups.get() if waiting is None else waiting
+            waiting = None
             if group is END or self.cancel.is_set():
                 return
-            yield group
+            parts, n = [group], len(group)
+            while n < MAX_GROUP:
+                try:
+                    more = self._groups.get_nowait()
+                except queue.Empty:
+                    break
+                if more is END or n + len(more) > MAX_GROUP:
+                    waiting = more
+                    break
+                parts.append(more)
+                n += len(more)
+            yield parts[0] if len(parts) == 1 else np.concatenate(parts)  # (G, 80, 16)
 
     def _post(self, item: tuple) -> None:
         try:

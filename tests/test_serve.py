@@ -493,6 +493,38 @@ def test_batcher_does_not_wait_for_idle_sessions(media):
     batcher.close()
 
 
+def test_a_session_behind_its_audio_catches_up_in_larger_batches(media, tmp_path, monkeypatch):
+    """Windows that wait for the generator (here: every call 50 ms slower, the audio sent at once in
+    40 ms messages, one frame each) go to its next call together, up to MAX_GROUP: far fewer calls
+    than frames, and the same frames."""
+    from lipsync.sessions import MAX_GROUP
+
+    generator = media["gen"]
+    sizes = []
+
+    def slow(mels, faces, keys=None, as_tensor=False):
+        sizes.append(len(mels))
+        time.sleep(0.05)
+        return Generator.generate(generator, mels, faces, keys, as_tensor)
+
+    monkeypatch.setattr(generator, "generate", slow)
+    sink = Frames()
+    pcm = media["pcm"]
+    with make_client(media, tmp_path, sink=sink) as client:
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+            stream_pcm(ws, pcm, 40)
+            frames, _, last, _ = read_stream(ws)
+    monkeypatch.undo()
+    n = audio.num_frames_for_audio(len(pcm), 25.0)
+    assert last["frames"] == len(frames) == sum(sizes) == n
+    assert len(sizes) <= n // 2 and max(sizes) <= MAX_GROUP, sizes
+    (sid,) = sink.by_session
+    offline = list(render(generator, load_avatar(str(tmp_path / "avatars" / avatar_id), 96),
+                          pcm.astype(np.float32) / 32768))
+    assert all(np.array_equal(a, b) for a, b in zip(sink.of(sid), offline))
+
+
 def test_outbox_drops_idle_first_then_the_oldest_talk_frames():
     import asyncio
 
