@@ -170,6 +170,8 @@ def load_model(path, kind: str = "generator", device="cpu", img_size: int | None
                               "was asked for (check --preset / img_size)")
     with torch.device("meta"):  # no random initialisation: every tensor comes from the file
         model = KINDS[kind][1](img_size=size, width=width)
+    # the models compute in float32 whatever a file stores (a half-precision checkpoint is upcast)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
