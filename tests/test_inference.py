@@ -338,3 +338,43 @@ def test_detection_flags_run(media, tmp_path):
         assert s.frames == base.frames == 83 and s.frames_without_face == 0
     with pytest.raises(Exception, match="det_scale"):
         run(media, tmp_path, det_scale=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+def _loudness_generator(monkeypatch):
+    """Make every generator draw the mouth region of its face darker the louder the frame's mel
+    window is (the oracle: the mouth opens when this frame's window is loud)."""
+    from lipsync.generator import Generator
+
+    def generate(self, mels, faces, keys=None, as_tensor=False):
+        out = np.array(faces, copy=True)
+        level = np.clip(170 - 30 * (np.asarray(mels).mean(axis=(1, 2)) + 4), 0, 255)  # mel in [-4, 4]
+        out[:, 58:84, 30:66] = level[:, None, None, None].astype(np.uint8)
+        return out
+
+    monkeypatch.setattr(Generator, "generate", generate)
+
+
+@pytest.mark.parametrize("container,codec", [("mp4", "aac"), ("mkv", "libmp3lame")])
+def test_audio_starting_late_stays_in_sync(media, tmp_path, monkeypatch, container, codec):
+    """Speech muxed 0.4 s after the video starts (ffmpeg -itsoffset): the output's mouth follows
+    the output's own audio (lag 0 by the loudness oracle) and the picture lasts as long as the sound."""
+    from lipsync.media import has_encoder
+    from media import av_lag, mel_loudness, mouth_openness
+
+    if not has_encoder(codec):
+        pytest.skip(f"this ffmpeg has no {codec}")
+    delayed = str(tmp_path / f"delayed.{container}")
+    ffmpeg("-i", media["video"], "-itsoffset", "0.4", "-i", WAV, "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+           "-c:a", codec, delayed)
+    _loudness_generator(monkeypatch)
+    out = str(tmp_path / "out.mp4")
+    assert inference.main(["--checkpoint_path", media["ckpt"], "--face", media["video"], "--audio", delayed,
+                           "--outfile", out, "--box", *BOX, "--blend", "none", "--quiet", "--device", "cpu"]) == 0
+    frames = list(iter_frames(probe_video(out)))
+    sound = audio.load_wav(out, 16000)
+    assert len(frames) == audio.num_frames_for_audio(len(sound), 25)  # picture as long as the sound
+    assert abs(len(sound) / 16000 - (0.4 + 3.3)) < 0.06  # the late start is kept, as silence
+    top, bottom, left, right = (int(v) for v in BOX)
+    openness = {k: mouth_openness(f[top:bottom, left:right]) for k, f in enumerate(frames)}
+    assert av_lag(openness, mel_loudness(sound, len(frames))) == 0
