@@ -140,8 +140,11 @@ def _serve(args) -> int:
             logging.warning("no S3FD weights at %s: uploads without a 'box' will fail until they are there "
                             "(or restart with --face_detector lbp)", weights)
     app = create_app(state)
+    # no permessage-deflate: the frames are JPEGs (they do not shrink), and deflating them costs CPU
+    # on both ends for every frame of every session
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws_max_size=1 << 20,
-                        timeout_graceful_shutdown=int(round(args.shutdown_timeout)), server_header=False)
+                        ws_per_message_deflate=False, timeout_graceful_shutdown=int(round(args.shutdown_timeout)),
+                        server_header=False)
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     server = _Server(uv, state)
     n = len(state.store.ids())

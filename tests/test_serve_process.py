@@ -69,6 +69,7 @@ def test_many_sessions_at_once(assets, tmp_path):
         large_id = server.upload(assets["video_720p"], box=BOX_720P).json()["avatar_id"]
         pcm = assets["pcm"][:int(1.6 * 16000)]
         n = audio.num_frames_for_audio(len(pcm), 25.0)
+        n_slow = audio.num_frames_for_audio(len(assets["pcm"]), 25.0)
         results = {}
         others_done = threading.Event()
 
@@ -81,6 +82,12 @@ def test_many_sessions_at_once(assets, tmp_path):
         def stall(i):
             if i == 0:
                 others_done.wait(300)
+                # and until the generator has made the slow stream's frames too (the others' and its
+                # own, at least), so that its queue overflows however soon the others were done
+                deadline = time.monotonic() + 120
+                while server.health()["batches"]["frames"] < 4 * n + n_slow and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(1.0)  # composing and queueing the last ones
 
         def garbage():
             from websockets.sync.client import connect
@@ -114,7 +121,6 @@ def test_many_sessions_at_once(assets, tmp_path):
             assert r.error is None and r.order == list(range(n)), (c, r.order, r.error)
             assert r.end["frames"] == n and r.end["dropped"] == 0 and r.close_code == 1000
         slow = results["slow"]
-        n_slow = audio.num_frames_for_audio(len(assets["pcm"]), 25.0)
         assert not isinstance(slow, Exception), slow
         assert slow.end["frames"] == n_slow and slow.end["sent"] + slow.end["dropped"] == n_slow
         assert slow.end["dropped"] > 0 and slow.order == sorted(slow.order) and slow.order[-1] == n_slow - 1
