@@ -378,3 +378,40 @@ def test_audio_starting_late_stays_in_sync(media, tmp_path, monkeypatch, contain
     top, bottom, left, right = (int(v) for v in BOX)
     openness = {k: mouth_openness(f[top:bottom, left:right]) for k, f in enumerate(frames)}
     assert av_lag(openness, mel_loudness(sound, len(frames))) == 0
+
+
+def test_field_inputs_through_the_cli(media, tmp_path, monkeypatch):
+    """Issue 13's inputs as a user gives them to inference.py: a clip with its own same-length AAC
+    track (60 frames, not 61), a JPEG named .jfif or with no extension (a photo at --fps), names
+    with ':' (files, not protocols), a 24000/1001 clip (written at exactly that rate)."""
+    import cv2
+    from fractions import Fraction
+
+    monkeypatch.chdir(tmp_path)
+    small = ["--box", "8", "56", "8", "56", "--quiet", "--device", "cpu", "--checkpoint_path", media["ckpt"]]
+    clip = make_face_video(tmp_path / "v30.mp4", 60, size=(64, 64), fps=30)
+    ffmpeg("-f", "lavfi", "-i", "sine=f=220:sample_rate=48000:d=2", "tone.wav")
+    ffmpeg("-i", clip, "-i", "tone.wav", "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", "-shortest",
+           "talk30.mp4")
+    assert inference.main(["--face", "talk30.mp4", "--audio", "talk30.mp4", "--outfile", "o1.mp4", *small]) == 0
+    out = list(iter_frames(probe_video("o1.mp4")))
+    assert len(out) == 60 and not np.array_equal(out[-1], out[0])  # no extra frame jumping back to the start
+
+    jpeg = cv2.imencode(".jpg", next(iter_frames(probe_video(clip))))[1].tobytes()
+    for name in ("face.jfif", "face"):
+        (tmp_path / name).write_bytes(jpeg)
+        assert inference.main(["--face", name, "--audio", "tone.wav", "--fps", "30", "--outfile", "o2.mp4",
+                               *small]) == 0
+        info = probe_video("o2.mp4")
+        assert info.rate == 30 and len(list(iter_frames(info))) == 60, name
+
+    os.rename(clip, tmp_path / "12:30 take.mp4")
+    os.rename("tone.wav", "voice:take2.wav")
+    assert inference.main(["--face", "12:30 take.mp4", "--audio", "voice:take2.wav", "--outfile", "o:3.mp4",
+                           *small]) == 0
+    assert len(list(iter_frames(probe_video("o:3.mp4")))) == 60
+
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=24000/1001:duration=1", "-c:v", "libx264",
+           "-pix_fmt", "yuv420p", "ntsc.mp4")
+    assert inference.main(["--face", "ntsc.mp4", "--audio", "voice:take2.wav", "--outfile", "o4.mp4", *small]) == 0
+    assert probe_video("o4.mp4").rate == Fraction(24000, 1001)
