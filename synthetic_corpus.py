@@ -18,6 +18,7 @@ import tempfile
 
 def build_parser():
     from lipsync.cli import HelpFormatter, QUIET_HELP
+    from lipsync.synthetic import SPEECH_CHOICES, SPEECH_HELP
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", help="corpus root to write")
@@ -25,8 +26,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of identities, speech and motion (same seed, same corpus)")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each clip, seconds")
     p.add_argument("--clips_per_group", type=int, default=4, help="clips per group; each group is one identity")
-    p.add_argument("--speech", choices=("auto", "espeak", "synth"), default="auto",
-                   help="espeak-ng speech when installed (auto), or the built-in synthesiser")
+    p.add_argument("--speech", choices=SPEECH_CHOICES, default="auto", help="speech of the clips: " + SPEECH_HELP)
     p.add_argument("--render_truth", metavar="CLIP_JSON", help="render the true video of this clip's identity")
     p.add_argument("--audio", help="with --render_truth: the speech to render")
     p.add_argument("--outfile", help="with --render_truth: the video to write")
@@ -61,18 +61,20 @@ def main(argv=None) -> int:
         parser.error("--out is required")
     if args.clips < 1:
         parser.error("--clips must be >= 1")
-    if args.speech == "espeak":
-        from lipsync.synthetic import espeak_available
+    from lipsync.errors import run_main
 
-        if not espeak_available():
-            parser.error("--speech espeak: espeak-ng is not installed (apt-get install espeak-ng)")
+    return run_main(write_corpus, args)
+
+
+def write_corpus(args) -> int:
+    import json
 
     import numpy as np
     from lipsync.progress import progress_bar
 
-    from lipsync.synthetic import corpus_plan, make_speech, write_clip
+    from lipsync.synthetic import SpeechError, corpus_plan, make_speech, speech_source, write_clip
 
-    use_espeak = {"auto": None, "espeak": True, "synth": False}[args.speech]
+    source = speech_source(args.speech)
     plan = corpus_plan(args.clips, args.seed, args.clips_per_group, args.seconds)
     written = skipped = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,14 +82,22 @@ def main(argv=None) -> int:
             path = os.path.join(args.out, item["group"], item["clip"] + ".mp4")
             truth = os.path.splitext(path)[0] + ".json"
             if os.path.exists(path) and os.path.exists(truth):
+                # a clip kept from an earlier run must have this run's speech: a corpus of mixed
+                # sources (and a demo trained on it) would say nothing about either
+                with open(truth) as fh:
+                    made_with = json.load(fh).get("speech")
+                if made_with != source:
+                    flag = {"espeak-ng": "espeak", "synthesiser": "synth"}.get(made_with, "?")
+                    raise SpeechError(f"{truth} was made with {made_with} speech, this run makes {source} speech: "
+                                      f"write to another --out, or run with --speech {flag}")
                 skipped += 1
                 continue
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            wav, source = make_speech(np.random.default_rng(item["audio_seed"]), item["seconds"], tmp, use_espeak)
+            wav, _ = make_speech(np.random.default_rng(item["audio_seed"]), item["seconds"], tmp, source == "espeak-ng")
             write_clip(path, item["identity"], wav, extra={"speech": source, "audio_seed": item["audio_seed"]})
             written += 1
     groups = len({p["group"] for p in plan})
-    print(f"{args.out}: {written} clips written, {skipped} already there, {groups} groups")
+    print(f"{args.out}: {written} clips written, {skipped} already there, {groups} groups, {source} speech")
     return 0
 
 

@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 
 from hparams import SAMPLE_RATE as SR
+from lipsync.errors import Wav2LipError
+
 FPS = 25.0
 FRAME_SIZE = 256
 
@@ -174,10 +176,34 @@ def espeak_speech(rng: np.random.Generator, seconds: float, workdir: str, sr: in
 
 
 def make_speech(rng: np.random.Generator, seconds: float, workdir: str, use_espeak: Optional[bool] = None) -> Tuple[np.ndarray, str]:
+    """(``seconds`` of 16 kHz mono float32 speech, its source: ``"espeak-ng"`` or ``"synthesiser"``).
+    ``use_espeak``: None picks espeak-ng when it is installed."""
     use = espeak_available() if use_espeak is None else use_espeak
     if use:
         return espeak_speech(rng, seconds, workdir), "espeak-ng"
     return synth_speech(rng, seconds), "synthesiser"
+
+
+# The --speech flag of synthetic_corpus.py and demo.py. The built-in synthesiser is the one source
+# every machine has, so a corpus (and the demo's outcome) need not depend on an optional system package.
+SPEECH_CHOICES = ("synth", "espeak", "auto")
+SPEECH_HELP = "the built-in synthesiser (synth), espeak-ng (espeak), or espeak-ng when installed (auto)"
+
+
+class SpeechError(Wav2LipError, ValueError):
+    """Speech asked for that this machine cannot make, or a corpus made with other speech."""
+
+
+def speech_source(choice: str) -> str:
+    """The source a ``--speech`` choice makes on this machine, as :func:`make_speech` names it
+    (``"espeak-ng"`` or ``"synthesiser"``). Raises :class:`SpeechError` for ``espeak`` without espeak-ng."""
+    if choice not in SPEECH_CHOICES:
+        raise SpeechError(f"--speech must be one of {', '.join(SPEECH_CHOICES)}, got {choice!r}")
+    if choice == "espeak" and not espeak_available():
+        raise SpeechError("--speech espeak: espeak-ng is not installed (apt-get install espeak-ng), or use --speech synth")
+    if choice == "synth" or (choice == "auto" and not espeak_available()):
+        return "synthesiser"
+    return "espeak-ng"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,6 +56,23 @@ def test_corpus_is_deterministic_and_resumable(corpus, tmp_path):
     assert os.path.getmtime(ours) == before
 
 
+def test_corpus_refuses_to_mix_speech_sources(tmp_path, monkeypatch, capsys):
+    """A rerun that would make other speech than the clips already there stops with one error line
+    instead of keeping them (a corpus of mixed sources, as /tmp/demo_out's espeak-ng clips reused by
+    a synthesiser run would have been)."""
+    args = ["--out", str(tmp_path), "--clips", "1", "--seconds", "1.2", "--seed", "3", "--quiet"]
+    assert synthetic_corpus.main(args + ["--speech", "synth"]) == 0
+    monkeypatch.setattr(S, "espeak_available", lambda: True)    # no espeak-ng is run: the clip exists
+    capsys.readouterr()
+    assert synthetic_corpus.main(args + ["--speech", "espeak"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "made with synthesiser speech" in err and "--speech synth" in err
+    monkeypatch.setattr(S, "espeak_available", lambda: False)
+    assert synthetic_corpus.main(args + ["--speech", "espeak"]) == 2
+    assert "espeak-ng is not installed" in capsys.readouterr().err
+    assert synthetic_corpus.main(args + ["--speech", "auto"]) == 0   # auto without espeak-ng: the synthesiser
+
+
 def test_mouth_follows_audio():
     sr = S.SR
     silence = np.zeros(sr)

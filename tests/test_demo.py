@@ -91,3 +91,37 @@ def test_contact_sheet_labels_rows_and_times():
     tiles = [sheet[header_h + i * h:header_h + (i + 1) * h, :label_w] for i in range(3)]
     assert not np.array_equal(tiles[0], tiles[1]) and not np.array_equal(tiles[1], tiles[2])
     assert (sheet[header_h:header_h + h, label_w:label_w + w] == 200).all()   # the frame itself
+
+
+def test_speech_defaults_to_the_synthesiser_and_reaches_the_corpus(monkeypatch, tmp_path):
+    """The demo's outcome must not depend on whether espeak-ng is installed: the default is the
+    built-in synthesiser, and the choice is what the corpus stage is asked for."""
+    import synthetic_corpus
+
+    assert demo.build_parser().parse_args([]).speech == "synth"
+    seen = []
+    monkeypatch.setattr(synthetic_corpus, "main", lambda argv: seen.append(argv) or 2)   # stop after stage 1
+    with pytest.raises(SystemExit, match="synthetic_corpus.py failed"):
+        demo.main(["--out", str(tmp_path), "--quiet"])
+    argv = seen[0]
+    assert argv[argv.index("--speech") + 1] == "synth"
+
+
+def test_espeak_without_espeak_ng_is_a_usage_error(monkeypatch, capsys):
+    from lipsync import synthetic
+
+    monkeypatch.setattr(synthetic, "espeak_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--speech", "espeak", "--out", "unused"])
+    assert exc.value.code == 2
+    assert "espeak-ng is not installed" in capsys.readouterr().err
+
+
+def test_inference_finds_boxes_on_every_frame():
+    """The demo's inference detects every frame, as preprocessing did for the training crops: with
+    the default sparse detection the same generator's mouth correlation read 0.68 instead of 0.87."""
+    import inference
+
+    args = inference.build_parser().parse_args(demo.inference_argv("g.pth", "face.mp4", "speech.wav", "out.mp4", "cpu"))
+    assert args.det_every == 1
+    assert (args.face_detector, args.pads, args.blend) == ("lbp", [0, 0, 0, 0], "feather")
