@@ -500,8 +500,8 @@ class FileSession extends Session {
   async start() {
     await this.connect();
     this.sendStart = this.ctx.currentTime;
-    this.pump();
     this.timer = setInterval(() => this.pump(), 10);
+    this.pump();
     setStatus("streaming", "Streaming the file; the sound starts with the first frame…");
   }
 
@@ -516,7 +516,8 @@ class FileSession extends Session {
       this.stream.send(this.pcm.subarray(this.sent, this.sent + n));
       this.sent += n;
     }
-    if (this.sent >= this.pcm.length) {
+    if (this.sent >= this.pcm.length && !this.endSent) {
+      this.endSent = true;
       clearInterval(this.timer);
       this.stream.end();
     }
@@ -739,7 +740,7 @@ async function startMic() {
 
 function stopButton() {
   if (!active) return;
-  if (active instanceof MicSession && !active.ending && !active.stopped) {
+  if (active instanceof MicSession && active.resampler && !active.ending && !active.stopped) {
     active.endSpeech();
     ui.stop.disabled = true;
   } else {
