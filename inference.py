@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--det_every", type=int, default=None, metavar="K",
         help="detect every K-th frame, interpolate between, re-detect where the box jumps (None = auto: 1 in "
              "parity mode, else 5; 1 = every frame)")
-    add("--det_jump_iou", type=float, default=0.5, help="with --det_every > 1: detect every frame between two "
+    add("--det_jump_iou", type=float, default=0.7, help="with --det_every > 1: detect every frame between two "
                                                         "keyframes whose boxes overlap less than this (IoU)")
     add("--det_cache_dir", default=None, help="where face detections are cached (None: ~/.cache/wav2lip/detections; "
                                               "'' disables)")

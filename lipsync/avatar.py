@@ -372,7 +372,7 @@ def settings_from_record(rec: dict) -> AvatarSettings:
     """The :class:`AvatarSettings` an avatar.json records (detector weights path not kept)."""
     try:
         det = DetectionSettings(detector=rec.get("face_detector", "sfd"), scale=float(rec.get("det_scale", 1.0)),
-                                every=int(rec.get("det_every", 1)), jump_iou=float(rec.get("det_jump_iou", 0.5)))
+                                every=int(rec.get("det_every", 1)), jump_iou=float(rec.get("det_jump_iou", 0.7)))
         return AvatarSettings(fps=float(rec["fps"]), static=bool(rec["static"]),
                               transform=FrameTransform(int(rec["resize_factor"]), bool(rec["rotate"]),
                                                        tuple(int(v) for v in rec["crop"])),

@@ -29,15 +29,18 @@ AUTO_DET_SIDE = 480  # --det_scale auto: detect on a copy whose shorter side is 
 class DetectionSettings:
     """How faces are found. ``scale``: detect on frames resized by this factor (0 = auto: shorter
     side at most 480 px); ``every``: detect on every k-th frame (and the last), interpolate between,
-    and detect every frame of a gap whose end boxes overlap less than ``jump_iou`` (a cut or a fast
-    move) or where a face appears or vanishes. ``every=1, scale=1`` is the published detection."""
+    and detect every frame of a gap whose end boxes overlap less than ``jump_iou`` (a cut, a fast
+    move, or a keyframe where a jittery detector is off) or where a face appears or vanishes. On
+    the demo's clips with lbp (box centres against the known boxes): every frame 3.7 px mean / 13.4
+    px worst; every 5th with 0.7 3.7 / 11.4 px at 0.27 detections per frame; with 0.5 4.0 / 20.6 px.
+    ``every=1, scale=1`` is the published detection."""
 
     detector: str = "sfd"
     s3fd_path: Optional[str] = None
     batch_size: int = 16
     scale: float = 1.0
     every: int = 1
-    jump_iou: float = 0.5
+    jump_iou: float = 0.7
     half: bool = False  # S3FD in fp16 (CUDA)
 
     def resolved_scale(self, frame_hw: Tuple[int, int]) -> float:

@@ -64,7 +64,7 @@ class InferenceConfig:
     s3fd_path: Optional[str] = None
     det_scale: float = 0.0
     det_every: Optional[int] = None
-    det_jump_iou: float = 0.5
+    det_jump_iou: float = 0.7
     device: str = "auto"
     blend: str = "feather"
     loop: str = "repeat"
