@@ -59,6 +59,8 @@ class Server:
             try:
                 get_json(self.url + "/healthz", timeout=2)
                 break
+            except urllib.error.HTTPError:  # it answers (401: a server with --token)
+                break
             except (OSError, ValueError):  # not listening yet (URLError is an OSError)
                 pass
             if time.monotonic() > deadline:

@@ -273,3 +273,30 @@ def test_errors_are_shown(browser, server, assets, avatar_id):
     WebDriverWait(browser, 30).until(lambda d: "404" in d.find_element(By.ID, "error").text)
     assert state(browser) == "error" and browser.find_element(By.ID, "play").is_enabled()
     assert any(doomed in e["message"] for e in errors_logged(browser))
+
+
+def test_a_server_with_a_token(browser, assets):
+    """Opened as /?token=TOKEN, the page passes the token on: its script and the microphone's worklet
+    (query), the API (Bearer header) and the stream (query) all get through; without it, 401."""
+    token = "browser-test-token"
+    server = Server(assets["ckpt"], assets["dir"] / "avatars_token", assets["dir"] / "server_token.log",
+                    "--token", token)
+    try:
+        browser.get_log("browser")
+        browser.get(f"{server.url}/")
+        assert "needs a token" in browser.find_element(By.TAG_NAME, "body").text
+        browser.get(f"{server.url}/?token={token}")
+        wait_state(browser, ("idle",), 30)
+        browser.find_element(By.ID, "upload-file").send_keys(assets["photo"])
+        browser.find_element(By.ID, "upload-box").send_keys(BOX)
+        browser.find_element(By.ID, "upload").click()
+        WebDriverWait(browser, 60).until(lambda d: "is ready" in d.find_element(By.ID, "status").text)
+        browser.find_element(By.ID, "mic").click()
+        WebDriverWait(browser, 30, poll_frequency=0.1).until(lambda d: counter(d, "frames-drawn") >= 10)
+        browser.find_element(By.ID, "stop").click()
+        wait_state(browser, ("done",), 30)
+        severe = errors_logged(browser)
+        # the refused requests: the page itself opened without the token (and its favicon, once)
+        assert [e for e in severe if "401" not in e["message"]] == [] and len(severe) <= 2, severe
+    finally:
+        server.stop()
