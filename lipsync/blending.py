@@ -79,6 +79,14 @@ def _plane_design(n: int) -> np.ndarray:
     return np.stack([np.ones(n * n), xs.ravel(), ys.ravel()], axis=1)
 
 
+def apply_colour(gen, coef, xs, ys):
+    """``gen`` (rows, w, C) float grey levels corrected by :meth:`Blender.colour_fit`'s (4, C)
+    ``coef`` (gain, offset, x slope, y slope): ``gain * gen + offset + x * bx + y * by``, with ``xs``
+    (w,) and ``ys`` (rows,) the pixel centres in -0.5..0.5 across the box. Plain arithmetic, so numpy
+    arrays and torch tensors (the GPU paste) go through the same formula."""
+    return gen * coef[0] + coef[1] + xs[None, :, None] * coef[2] + ys[:, None, None] * coef[3]
+
+
 class Blender:
     """Pastes generated faces of one size into frames.
 
@@ -166,9 +174,7 @@ class Blender:
             coef = self.colour_fit(region, face)                            # (4, C)
             xs = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
             ys = (np.arange(r1, r2, dtype=np.float32) + 0.5) / h - 0.5
-            gen *= coef[0]
-            gen += coef[1] + xs[None, :, None] * coef[2]
-            gen += ys[:, None, None] * coef[3]
+            gen = apply_colour(gen, coef, xs, ys)
         gen += 0.5                                                          # round, not truncate
         np.clip(gen, 0, 255, out=gen)
         # m * face + (1 - m) * frame, in one pass of OpenCV's (faster than numpy's several)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipsync.blending import COLOUR_FIT_SIZE, GAIN_RIDGE, Blender
+from lipsync.blending import COLOUR_FIT_SIZE, Blender, apply_colour
 
 Coords = Tuple[int, int, int, int]
 
@@ -42,13 +42,10 @@ class TorchComposer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        ref = Blender(blend, img_size)  # validates the mode; its mask and fit constants are reused
-        self.fit = blend != "none" and ref._fit
+        self.blender = Blender(blend, img_size)  # validates the mode; its mask and colour fit are reused
+        self.fit = blend != "none" and self.blender._fit
         if blend != "none":
-            self.mask = torch.from_numpy(ref.mask).to(self.device)                      # (S, S)
-            self.rows = ref._rows
-            self.ring = torch.from_numpy(ref._ring).to(self.device)                     # (n*n,)
-            self.design = torch.from_numpy(ref._design).to(self.device)                 # (n*n, 3)
+            self.mask = torch.from_numpy(self.blender.mask).to(self.device)             # (S, S)
 
     # ---- transfers ----
     def upload(self, frames: Sequence[np.ndarray]) -> List[torch.Tensor]:
@@ -91,12 +88,23 @@ class TorchComposer:
               ) -> List[torch.Tensor]:
         """Paste (B, S, S, 3) uint8 faces into device frames at ``boxes`` (None: frame unchanged)."""
         faces = faces.to(self.device).permute(0, 3, 1, 2).float()                      # (B, 3, S, S)
-        for frame, face, box in zip(frames, faces, boxes):
-            if box is not None:
-                self._paste_one(frame, face, box)
+        todo = [(frame, face, box) for frame, face, box in zip(frames, faces, boxes) if box is not None]
+        coefs = self._colour_fits(todo) if self.fit else [None] * len(todo)
+        for (frame, face, box), coef in zip(todo, coefs):
+            self._paste_one(frame, face, box, coef)
         return frames
 
-    def _paste_one(self, frame: torch.Tensor, face: torch.Tensor, box: Coords) -> None:
+    def _colour_fits(self, todo) -> List[torch.Tensor]:
+        """Blender.colour_fit per paste, from COLOUR_FIT_SIZE reductions made on the device and
+        brought to the host together (one transfer for the group; the fit itself is a few small
+        solves, and keeping it in one place keeps the CPU and GPU pastes the same)."""
+        n = COLOUR_FIT_SIZE
+        small = torch.stack([torch.stack([area(frame[:, y1:y2, x1:x2], n), area(face, n)])
+                             for frame, face, (y1, y2, x1, x2) in todo])                 # (P, 2, 3, n, n)
+        small = small.permute(0, 1, 3, 4, 2).cpu().numpy()                               # (P, 2, n, n, 3)
+        return [torch.from_numpy(self.blender.colour_fit(o, f)).to(self.device) for o, f in small]
+
+    def _paste_one(self, frame: torch.Tensor, face: torch.Tensor, box: Coords, coef) -> None:
         y1, y2, x1, x2 = box
         h, w = y2 - y1, x2 - x1
         gen = resize(face, h, w).round_()                                              # (3, h, w)
@@ -104,29 +112,13 @@ class TorchComposer:
             frame[:, y1:y2, x1:x2] = gen
             return
         region = frame[:, y1:y2, x1:x2]
-        if self.fit:
-            coef = self._colour_fit(region, face)                                      # (4, 3)
+        if coef is not None:
             xs = (torch.arange(w, device=self.device) + 0.5) / w - 0.5
             ys = (torch.arange(h, device=self.device) + 0.5) / h - 0.5
-            gen = gen * (1 + coef[0, :, None, None]) + coef[1, :, None, None] \
-                + xs[None, None, :] * coef[2, :, None, None] + ys[None, :, None] * coef[3, :, None, None]
+            gen = apply_colour(gen.permute(1, 2, 0), coef, xs, ys).permute(2, 0, 1)   # (3, h, w)
         gen = gen.round_().clamp_(0, 255)
         m = resize(self.mask[None], h, w)                                               # (1, h, w)
         frame[:, y1:y2, x1:x2] = m * gen + (1 - m) * region
-
-    def _colour_fit(self, region: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
-        """(4, 3): gain - 1, offset, x and y slopes per channel (see Blender.colour_fit)."""
-        n = COLOUR_FIT_SIZE
-        o = area(region, n).reshape(3, n * n)                                           # (3, n*n)
-        g = area(face, n).reshape(3, n * n)
-        ones = self.design[None].expand(3, -1, -1)                                      # (3, n*n, 3)
-        a = torch.cat([g[..., None] / 255.0, ones], dim=2)                              # (3, n*n, 4)
-        aw = a.transpose(1, 2) * self.ring                                              # (3, 4, n*n)
-        gram = aw @ a                                                                   # (3, 4, 4)
-        gram[:, 0, 0] += GAIN_RIDGE * self.ring.sum()
-        coef = torch.linalg.solve(gram, aw @ (o - g)[..., None])[..., 0].T              # (4, 3)
-        coef[0] = (coef[0] / 255.0).clamp(-0.5, 1.0)
-        return coef
 
 
 class _nullcontext:
