@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shutdown_timeout", type=float, default=30.0,
         help="on SIGTERM, seconds to let uploads and /v1/lipsync jobs in flight finish before they are cancelled")
     add("--log_level", choices=("debug", "info", "warning", "error"), default="info", help="server log level")
+    from lipsync.media import add_ffmpeg_arg
+
+    add_ffmpeg_arg(p)
     return p
 
 
@@ -116,7 +119,10 @@ def main(argv=None) -> int:
 
 
 def _serve(args) -> int:
+    from lipsync.media import use_ffmpeg
+
     check_args(args)
+    use_ffmpeg(args.ffmpeg)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
     import uvicorn
 
