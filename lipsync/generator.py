@@ -124,24 +124,28 @@ def resolve_precision(name: str, device: torch.device) -> str:
 class CpuTuner:
     """Chooses (intra-op threads, micro-batch) for each forward call from measured speed.
 
-    Every candidate is timed once (seconds per frame, wall clock, so time lost waiting for a core
-    that another process holds counts), then the fastest is used, and every ``explore_every``-th call
-    re-times the candidate measured longest ago, so the choice follows the machine when another
-    process starts or stops. ``threads`` fixes the thread count (only the micro-batch is tuned).
+    Times are seconds per frame, wall clock, so time lost waiting for a core that another process
+    holds counts. The thread counts are timed first at the smallest micro-batch (cheap calls), then
+    the micro-batches at the fastest thread count; the fastest candidate is used from then on, and
+    every ``explore_every``-th call re-times the neighbour of the current best (same threads, other
+    micro-batch; or same micro-batch, other threads) measured longest ago, so the choice follows the
+    machine when another process starts or stops. The first call of each micro-batch shape builds
+    its kernels and is not timed. ``threads`` fixes the thread count (only the micro-batch is tuned).
     """
 
     def __init__(self, threads: Optional[int] = None, cores: Optional[int] = None,
                  micro_batches: Sequence[int] = CPU_MICRO_BATCHES, explore_every: int = 8, alpha: float = 0.5):
         cores = cores or cpu_capabilities().cores
         if threads is not None:
-            thread_opts = [threads]
+            self.thread_opts = [threads]
         elif cores <= 4:
-            thread_opts = list(range(cores, 0, -1))
+            self.thread_opts = list(range(cores, 0, -1))
         else:
-            thread_opts = sorted({cores, max(1, cores // 2), 1}, reverse=True)
-        self.candidates: List[Tuple[int, int]] = [(t, mb) for t in thread_opts for mb in micro_batches]
+            self.thread_opts = sorted({cores, max(1, cores // 2), 1}, reverse=True)
+        self.micro_batches = sorted(micro_batches)
+        self.candidates: List[Tuple[int, int]] = [(t, mb) for t in self.thread_opts for mb in self.micro_batches]
         self.speed: dict = {}       # candidate -> EMA of seconds per frame
-        self.warm: set = set()       # candidates run once (the first call of a shape builds kernels)
+        self.warm: set = set()       # micro-batch shapes run once (the first call of a shape builds kernels)
         self.measured_at: dict = {}  # candidate -> call number of the last measurement
         self.calls = 0
         self.explore_every = explore_every
@@ -151,12 +155,20 @@ class CpuTuner:
     def choose(self) -> Tuple[int, int]:
         with self.lock:
             self.calls += 1
-            untried = [c for c in self.candidates if c not in self.speed]
-            if untried:
-                return untried[0]
-            if self.calls % self.explore_every == 0:
-                return min(self.candidates, key=lambda c: self.measured_at[c])
-            return self.best()
+            small = self.micro_batches[0]
+            for t in self.thread_opts:                      # 1. thread counts, at the cheapest shape
+                if (t, small) not in self.speed:
+                    return t, small
+            best_t = min(self.thread_opts, key=lambda t: self.speed[(t, small)])
+            for mb in self.micro_batches:                   # 2. micro-batches, at the best thread count
+                if (best_t, mb) not in self.speed:
+                    return best_t, mb
+            best = self.best()
+            if self.calls % self.explore_every == 0:        # 3. now and then, a neighbour of the best
+                near = [c for c in self.candidates if c != best and (c[0] == best[0] or c[1] == best[1])]
+                if near:
+                    return min(near, key=lambda c: self.measured_at.get(c, -1))
+            return best
 
     def best(self) -> Tuple[int, int]:
         return min(self.speed, key=self.speed.get) if self.speed else self.candidates[0]
@@ -164,11 +176,14 @@ class CpuTuner:
     def record(self, candidate: Tuple[int, int], frames: int, seconds: float) -> None:
         per_frame = seconds / max(1, frames)
         with self.lock:
-            if candidate not in self.warm:
-                self.warm.add(candidate)
+            if candidate[1] not in self.warm:
+                self.warm.add(candidate[1])
                 return
             old = self.speed.get(candidate)
-            self.speed[candidate] = per_frame if old is None else (1 - self.alpha) * old + self.alpha * per_frame
+            if old is None or not 0.7 < per_frame / old < 1.4:  # a new regime (a process came or went)
+                self.speed[candidate] = per_frame
+            else:                                            # noise: average it out
+                self.speed[candidate] = (1 - self.alpha) * old + self.alpha * per_frame
             self.measured_at[candidate] = self.calls
 
     def summary(self) -> str:
