@@ -333,9 +333,6 @@ def warm_up_mel() -> None:
 
 def create_app(state: ServerState):
     """The FastAPI app serving ``state`` (closed with the app's lifespan)."""
-    from lipsync.inference import InferenceConfig
-
-    config = state.config
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -345,7 +342,19 @@ def create_app(state: ServerState):
         await state.close()
 
     app = FastAPI(title="wav2lip server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(TokenAuth, token=config.token)
+    app.add_middleware(TokenAuth, token=state.config.token)
+    _error_responses(app)
+    uploads = _Uploads(state)
+    _page_routes(app, state)
+    _avatar_routes(app, state, uploads)
+    _lipsync_route(app, state, uploads)
+    _stream_route(app, state)
+    return app
+
+
+def _error_responses(app) -> None:
+    """Project errors as JSON responses: ApiError its status, a missing avatar 404, one in use 409,
+    any other input error 422."""
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -363,15 +372,27 @@ def create_app(state: ServerState):
     async def unusable(request, exc):
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    def settings_for(face: str, box: Tuple[int, ...], fps: float) -> AvatarSettings:
+
+class _Uploads:
+    """What the upload routes share: the size limit, staging a face upload (judged by content), and
+    the avatar settings inference.py would use."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.config = state.config
+
+    def settings_for(self, face: str, box: Tuple[int, ...], fps: float) -> AvatarSettings:
         """The avatar settings inference.py uses for these flags (same defaults)."""
-        return InferenceConfig(checkpoint_path=state.generator.checkpoint_path, face=face, audio="", box=box, fps=fps,
-                               face_detector=config.face_detector, s3fd_path=config.s3fd_path).avatar_settings()
+        from lipsync.inference import InferenceConfig
 
-    def limit_bytes() -> int:
-        return int(config.max_upload_mb * 2 ** 20)
+        return InferenceConfig(checkpoint_path=self.state.generator.checkpoint_path, face=face, audio="", box=box,
+                               fps=fps, face_detector=self.config.face_detector,
+                               s3fd_path=self.config.s3fd_path).avatar_settings()
 
-    async def staged_face(form, staging: str) -> Tuple[str, str]:
+    def limit_bytes(self) -> int:
+        return int(self.config.max_upload_mb * 2 ** 20)
+
+    async def staged_face(self, form, staging: str) -> Tuple[str, str]:
         upload = _file(form, "face") if "face" in form else _file(form, "file")
         if upload is None:
             raise ApiError(422, "missing the face: a multipart file field 'file' (a video or photo)")
@@ -382,7 +403,10 @@ def create_app(state: ServerState):
                                 f"(judged by its content{'; it is audio' if kinds else ''})")
         return path, "image" if "image" in kinds else "video"
 
-    # ---- routes -------------------------------------------------------------------------------------
+
+def _page_routes(app, state: ServerState) -> None:
+    """/healthz, the web page at / and its files under /web."""
+
     @app.get("/healthz")
     async def healthz():
         return state.health()
@@ -396,6 +420,10 @@ def create_app(state: ServerState):
 
     if os.path.isdir(WEB_DIR):
         app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+
+def _avatar_routes(app, state: ServerState, uploads: _Uploads) -> None:
+    """GET, POST and DELETE of /v1/avatars."""
 
     @app.get("/v1/avatars")
     async def list_avatars():
@@ -414,12 +442,12 @@ def create_app(state: ServerState):
     async def create_avatar(request: Request):
         abandoned = threading.Event()
         try:
-            form = await read_form(request, limit_bytes())
+            form = await read_form(request, uploads.limit_bytes())
             staging = state.store.staging_dir()
             try:
                 box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
-                path, kind = await staged_face(form, staging)
-                settings = settings_for(path, box, fps)
+                path, kind = await uploads.staged_face(form, staging)
+                settings = uploads.settings_for(path, box, fps)
 
                 def prepare():
                     with state.preparing:
@@ -436,14 +464,20 @@ def create_app(state: ServerState):
             abandoned.set()
             raise ApiError(503, SHUTDOWN_MESSAGE) from None
 
+
+def _lipsync_route(app, state: ServerState, uploads: _Uploads) -> None:
+    """POST /v1/lipsync: a face (avatar id or file) and an audio file in, the mp4 inference.py writes out."""
+
     @app.post("/v1/lipsync")
     async def lipsync(request: Request):
-        from lipsync.inference import run_inference
+        from lipsync.inference import InferenceConfig, run_inference
+
+        config = state.config
 
         sid = state.reserve("lipsync")
         staging = None
         try:
-            form = await read_form(request, limit_bytes())
+            form = await read_form(request, uploads.limit_bytes())
             staging = state.store.staging_dir()
             try:
                 avatar_id = _field(form, "avatar_id")
@@ -457,7 +491,7 @@ def create_app(state: ServerState):
                 if avatar_id is not None:
                     folder = state.store.folder(avatar_id)
                 else:
-                    face, _ = await staged_face(form, staging)
+                    face, _ = await uploads.staged_face(form, staging)
                 box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
                 audio_path = await save_upload(audio_upload, staging, "audio")
                 if "audio" not in await asyncio.to_thread(media_kinds, audio_path):
@@ -488,6 +522,10 @@ def create_app(state: ServerState):
         return FileResponse(outfile, media_type="video/mp4", filename="lipsync.mp4",
                             background=BackgroundTask(shutil.rmtree, staging, True))
 
+
+def _stream_route(app, state: ServerState) -> None:
+    """The WebSocket /v1/stream?avatar_id=ID (the protocol is in the module docstring)."""
+
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket):
         avatar_id = ws.query_params.get("avatar_id")
@@ -506,7 +544,7 @@ def create_app(state: ServerState):
                 return await deny(ws, 404, str(exc))
             except Wav2LipError as exc:
                 return await deny(ws, 422, f"avatar {avatar_id} cannot be used: {exc}")
-            session = StreamSession(sid, avatar, state.batcher.generate_for(sid), config.stream, state.idle,
+            session = StreamSession(sid, avatar, state.batcher.generate_for(sid), state.config.stream, state.idle,
                                     state.frame_sink, device=state.generator.device)
             await ws.accept()
             with state.lock:
@@ -516,8 +554,6 @@ def create_app(state: ServerState):
             if acquired:
                 state.store.release(avatar_id)
             state.release(sid)
-
-    return app
 
 
 __all__ = ["ApiError", "ServerConfig", "ServerState", "TokenAuth", "create_app", "media_kinds", "parse_box",
