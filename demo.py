@@ -198,11 +198,11 @@ def inference_argv(gen_ckpt: str, face_clip: str, speech: str, result: str, devi
     preprocessing found the training crops, and the default (feather) blend.
 
     Every frame, because the demo's 600-step generator draws the mouth where the training crops had
-    it rather than following the face in the crop: with the default sparse detection (every 5th
-    frame, interpolated) the held-out clip's boxes were about 2 pixels (up to 11) off the every-frame
-    ones, the generated mouth sat up to 10 pixels above the true one where the head moved, and the
-    mouth measure's correlation with the speech fell from 0.87 to 0.68 (0.65 with the hard paste):
-    an effect of detection, not of the blend or of what the generator learned."""
+    it rather than following the face in the crop, so a box that is off moves the generated mouth
+    off the true one. Measured on the held-out clip of an espeak-ng run (mouth_open_corr): every
+    frame 0.869; every 5th frame, interpolated, re-detecting gaps whose keyframe boxes overlap less
+    than 0.5: 0.685 (boxes up to 11 pixels off, the mouth up to 10 pixels too high), 0.863 with the
+    re-detection threshold now 0.7. On a synthesiser run: 0.918 against 0.909 (threshold 0.7)."""
     return ["--checkpoint_path", gen_ckpt, "--face", face_clip, "--audio", speech, "--outfile", result,
             "--face_detector", "lbp", "--pads", "0", "0", "0", "0", "--det_every", "1", "--det_cache_dir", "",
             "--device", device]
