@@ -14,6 +14,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import sys
 
 from face_detection import BACKENDS
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="detector for uploaded faces without a box: sfd (S3FD, needs s3fd.pth) or lbp (no download)")
     add("--s3fd_path", default=None, help="S3FD weights (None: face_detection/detection/sfd/s3fd.pth)")
     add("--max_upload_mb", type=float, default=200.0, help="largest request body (uploads), MB; larger get 413")
+    add("--upload_timeout", type=float, default=600.0, help="seconds a request body may take to arrive; later: 408")
+    add("--max_frame_pixels", type=int, default=3840 * 2160,
+        help="largest frame (width x height, pixels) of an uploaded face; larger get 422")
+    add("--max_avatar_seconds", type=float, default=300.0,
+        help="longest uploaded face video (seconds on its timeline); longer get 422")
+    add("--max_audio_seconds", type=float, default=600.0, help="longest /v1/lipsync audio, seconds; longer get 422")
     add("--max_batch", type=int, default=64, help="frames of all sessions per generator call")
     add("--batch_wait_ms", type=float, default=10.0,
         help="how long a generator call waits for other sessions' frames, ms (not at all when no other session "
@@ -97,9 +104,13 @@ def check_args(args) -> None:
                          "at once; a reader that keeps up must not lose them)")
     if not 1 <= args.jpeg_quality <= 100:
         raise ServeError("--jpeg_quality must be 1-100")
-    if args.max_upload_mb <= 0 or args.batch_wait_ms < 0 or args.idle_timeout <= 0 or args.shutdown_timeout < 0:
-        raise ServeError("--max_upload_mb and --idle_timeout must be positive, --batch_wait_ms and "
-                         "--shutdown_timeout not negative")
+    limits = ("max_upload_mb", "idle_timeout", "upload_timeout", "max_frame_pixels", "max_avatar_seconds",
+              "max_audio_seconds")
+    for name in limits:
+        if not getattr(args, name) > 0:
+            raise ServeError(f"--{name} must be positive")
+    if args.batch_wait_ms < 0 or args.shutdown_timeout < 0:
+        raise ServeError("--batch_wait_ms and --shutdown_timeout must not be negative")
     if not os.path.isfile(args.checkpoint_path):
         raise ServeError(f"--checkpoint_path not found: {args.checkpoint_path!r}")
 
@@ -136,7 +147,9 @@ def _serve(args) -> int:
     config = ServerConfig(avatars_dir=args.avatars_dir, token=args.token, max_sessions=args.max_sessions,
                           max_upload_mb=args.max_upload_mb, face_detector=args.face_detector,
                           s3fd_path=args.s3fd_path, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                          hold_mb=args.hold_mb, stream=options)
+                          hold_mb=args.hold_mb, max_frame_pixels=args.max_frame_pixels,
+                          max_avatar_seconds=args.max_avatar_seconds, max_audio_seconds=args.max_audio_seconds,
+                          upload_timeout=args.upload_timeout, stream=options)
     state = ServerState(generator, config)
     if args.face_detector == "sfd":
         from face_detection import DEFAULT_S3FD_PATH
@@ -148,10 +161,11 @@ def _serve(args) -> int:
     app = create_app(state)
     # no permessage-deflate: the frames are JPEGs (they do not shrink), and deflating them costs CPU
     # on both ends for every frame of every session
-    uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws_max_size=1 << 20,
+    uv = uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level=args.log_level, ws_max_size=1 << 20,
                         ws_per_message_deflate=False, timeout_graceful_shutdown=int(round(args.shutdown_timeout)),
                         server_header=False)
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
+    logging.getLogger("uvicorn.access").addFilter(_HideToken())
     server = _Server(uv, state)
     n = len(state.store.ids())
     print(f"wav2lip server: {generator.describe()}; {n} avatar(s) in {state.store.root}", flush=True)
@@ -168,6 +182,20 @@ class _DenialNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "returned without completing handshake" not in record.getMessage()
+
+
+class _HideToken(logging.Filter):
+    """The access log shows ``?token=`` values as ``***`` (browsers can only pass the token in the URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(hide_token(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def hide_token(text: str) -> str:
+    """``text`` (a URL or request line) with the value of every ``token=`` query parameter replaced by ``***``."""
+    return re.sub(r"([?&]token=)[^&\s]*", r"\1***", text)
 
 
 def _server_class():

@@ -166,6 +166,14 @@ class AvatarStore:
                 self._evict()
         return avatar
 
+    def pin(self, avatar_id: str) -> str:
+        """Count ``avatar_id`` as in use (so :meth:`delete` refuses it with AvatarInUse) without loading
+        it, until :meth:`release`; returns its folder. AvatarNotFound as :meth:`folder`."""
+        with self._lock:
+            folder = self.folder(avatar_id)
+            self._users[avatar_id] += 1
+            return folder
+
     def release(self, avatar_id: str) -> None:
         """One session stopped using ``avatar_id``."""
         with self._lock:

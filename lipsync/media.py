@@ -23,6 +23,7 @@ themselves, because ffmpeg's own shift depends on which streams are mapped.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -268,6 +269,7 @@ class MediaInfo:
     duration: float                  # seconds, 0 when unknown
     streams: Tuple[StreamInfo, ...] = field(default_factory=tuple)
     prober: str = "ffprobe"          # "ffprobe" or "ffmpeg" (header + packet listing)
+    format: str = ""                 # ffmpeg's demuxer names, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "hls", "wav"
 
     def first(self, kind: str) -> Optional[StreamInfo]:
         return next((s for s in self.streams if s.kind == kind), None)
@@ -326,7 +328,8 @@ def _probe_ffprobe(exe: str, path: str) -> MediaInfo:
         else:
             streams.append(StreamInfo(sample_rate=int(s.get("sample_rate") or 0), channels=int(s.get("channels") or 0),
                                       **common))
-    return MediaInfo(path, file_start, float(fmt.get("duration") or 0.0), tuple(streams), "ffprobe")
+    return MediaInfo(path, file_start, float(fmt.get("duration") or 0.0), tuple(streams), "ffprobe",
+                     str(fmt.get("format_name", "")))
 
 
 _STREAM_LINE = re.compile(r"^\s*Stream #\d+:(\d+)\S*: (Video|Audio): (\S+)(.*)$")
@@ -378,7 +381,8 @@ def _probe_ffmpeg(path: str) -> MediaInfo:
                 ch = int(n.group(1)) if n else 0
             streams.append(StreamInfo(index, kind, codec, start, None, sample_rate=int(hz.group(1)) if hz else 0,
                                       channels=ch))
-    info = MediaInfo(path, file_start, duration, tuple(streams), "ffmpeg")
+    demuxer = re.search(r"^Input #\d+, (.+?), from '", header, re.M)
+    info = MediaInfo(path, file_start, duration, tuple(streams), "ffmpeg", demuxer.group(1) if demuxer else "")
     return _with_packet_times(info)
 
 
@@ -438,7 +442,7 @@ def _with_packet_times(info: MediaInfo) -> MediaInfo:
         else:
             out[s.index] = StreamInfo(s.index, s.kind, s.codec, s.start if s.start is not None else start, end,
                                       sample_rate=s.sample_rate, channels=s.channels)
-    return MediaInfo(info.path, info.start, info.duration, tuple(out[s.index] for s in info.streams), info.prober)
+    return dataclasses.replace(info, streams=tuple(out[s.index] for s in info.streams))
 
 
 def probe_media(path: str) -> MediaInfo:

@@ -27,8 +27,10 @@ import logging
 import os
 import secrets
 import shutil
+import re
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -64,6 +66,10 @@ class ServerConfig:
     max_batch: int = 64
     batch_wait_ms: float = 10.0
     hold_mb: float = 1024.0
+    max_frame_pixels: int = 3840 * 2160
+    max_avatar_seconds: float = 300.0
+    max_audio_seconds: float = 600.0
+    upload_timeout: float = 600.0
     stream: StreamOptions = field(default_factory=StreamOptions)
 
 
@@ -93,7 +99,13 @@ class ServerState:
         self.idle = IdleFrames(config.stream.jpeg_quality)
         self.batcher = Batcher(generator, max_batch=config.max_batch, max_wait=config.batch_wait_ms / 1000.0,
                                busy=self._busy)
-        self.preparing = threading.Semaphore(1)  # face detection competes with generation: one at a time
+        # long work runs on its own threads, never on the event loop's default executor (which the
+        # short calls of every request and stream need): avatars are prepared one at a time (face
+        # detection competes with generation), /v1/lipsync jobs one thread per session slot
+        self.prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+        self.job_pool = ThreadPoolExecutor(config.max_sessions, thread_name_prefix="lipsync")
+        self.preparing = threading.Semaphore(1)  # held while an avatar is prepared (shutdown waits for it)
+        self.prepares_waiting = 0
         self.closing = False
 
     # ---- sessions ---------------------------------------------------------------------------------
@@ -115,6 +127,40 @@ class ServerState:
     def release(self, sid: str) -> None:
         with self.lock:
             self.sessions.pop(sid, None)
+
+    async def prepare(self, fn):
+        """Run ``fn`` (an avatar preparation) on the preparation thread, after those queued before it;
+        ApiError 503 when ``max_sessions`` preparations already wait."""
+        with self.lock:
+            if self.closing:
+                raise ApiError(503, "the server is shutting down")
+            if self.prepares_waiting >= self.config.max_sessions:
+                raise ApiError(503, f"{self.prepares_waiting} avatars are being prepared; try again later")
+            self.prepares_waiting += 1
+
+        def run():
+            with self.preparing:
+                return fn()
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, run)
+        finally:
+            with self.lock:
+                self.prepares_waiting -= 1
+
+    def public(self, message: str) -> str:
+        """``message`` without the server's own paths: a file under ``avatars_dir`` is named by what it
+        is (the uploaded face or audio, an avatar's file)."""
+        names = {"face": "the uploaded face", "audio": "the uploaded audio"}
+
+        def name(m):
+            return names.get(os.path.basename(m.group(0)), "an avatar's file")
+
+        return self._root_pattern.sub(name, message)
+
+    @property
+    def _root_pattern(self):
+        return re.compile(re.escape(os.path.abspath(self.store.root)) + r"[^'\"\s]*")
 
     def _forget_faces(self, avatar: Avatar) -> None:
         bank = self.generator.bank
@@ -141,8 +187,10 @@ class ServerState:
         """Shutdown, after the HTTP server stopped: end streams, let an avatar being prepared finish
         (up to ``prepare_grace`` seconds), stop the batcher, remove unfinished uploads and saves."""
         await self.end_streams(grace)
+        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
         if await asyncio.to_thread(self.preparing.acquire, True, prepare_grace):
             self.preparing.release()
+        self.job_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.batcher.close)
         self.store.cleanup()
 
@@ -242,9 +290,27 @@ async def read_form(request, limit_bytes: int):
         raise too_large from None
 
 
+# Containers an upload may be (ffmpeg demuxer names): self-contained media files. Playlists and
+# manifests (hls, dash, concat) and the like name other files, which ffmpeg would then read from
+# this server's disk, so they are refused whatever their name.
+UPLOAD_FORMATS = frozenset({
+    "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv", "asf", "mpegts", "mpeg", "mpegvideo",
+    "m4v", "h264", "hevc", "mjpeg", "gif", "nut", "mxf", "dv", "ogg", "wav", "w64", "mp3", "aac", "flac", "aiff",
+    "caf", "amr", "ac3", "eac3", "wv", "au", "image2", "apng",
+})
+
+
+def upload_format_ok(format_name: str) -> bool:
+    """Whether ffmpeg's demuxer names for a file (``MediaInfo.format``) are all in
+    :data:`UPLOAD_FORMATS` or image pipes (``png_pipe``, ``jpeg_pipe``, ...)."""
+    names = [n for n in format_name.split(",") if n]
+    return bool(names) and all(n in UPLOAD_FORMATS or n.endswith("_pipe") for n in names)
+
+
 def media_kinds(path: str) -> set:
     """What a file holds, judged by its content (not its name): {"image"} for a still photo, else
-    the streams ffmpeg finds, a subset of {"video", "audio"} (empty: not media ffmpeg reads)."""
+    the streams ffmpeg finds, a subset of {"video", "audio"} (empty: not media ffmpeg reads, or a
+    container that is not a self-contained file: see :data:`UPLOAD_FORMATS`)."""
     from lipsync.media import MediaError, image_signature, probe_media
 
     with open(path, "rb") as fh:
@@ -254,7 +320,39 @@ def media_kinds(path: str) -> set:
         info = probe_media(path)
     except (MediaError, OSError):
         return set()
+    if not upload_format_ok(info.format):
+        log.warning("refused an upload in the %r format (not a self-contained media file)", info.format)
+        return set()
     return {kind for kind, stream in (("video", info.video), ("audio", info.audio)) if stream is not None}
+
+
+def media_limits(path: str, config: ServerConfig, what: str) -> None:
+    """Refuse (ApiError 422) an uploaded face whose frames have more than ``max_frame_pixels`` pixels
+    or that lasts more than ``max_avatar_seconds`` (``what`` "face"), or audio longer than
+    ``max_audio_seconds`` (``what`` "audio"): a small file can otherwise decode to gigabytes."""
+    from lipsync.media import MediaError, probe_media
+
+    try:
+        info = probe_media(path)
+    except (MediaError, OSError):
+        return  # not probed here: the engine reports what is wrong with it
+    if what == "audio":
+        stream = info.audio
+        seconds = max(info.duration, stream.end or 0.0 if stream else 0.0)
+        if seconds > config.max_audio_seconds:
+            raise ApiError(422, f"the audio lasts {seconds:.1f} s; this server takes at most "
+                                f"{config.max_audio_seconds:g} s (--max_audio_seconds)")
+        return
+    video = info.video
+    if video is None:
+        return
+    if video.width * video.height > config.max_frame_pixels:
+        raise ApiError(422, f"the face's frames are {video.width}x{video.height} pixels; this server takes at most "
+                            f"{config.max_frame_pixels} pixels per frame (--max_frame_pixels): scale it down")
+    seconds = max(info.duration, video.end or 0.0)
+    if seconds > config.max_avatar_seconds:
+        raise ApiError(422, f"the face video lasts {seconds:.1f} s on its timeline; this server takes at most "
+                            f"{config.max_avatar_seconds:g} s (--max_avatar_seconds)")
 
 
 async def save_upload(upload, folder: str, name: str) -> str:
@@ -280,7 +378,7 @@ def parse_box(text: Optional[str]) -> Tuple[int, int, int, int]:
     except ValueError:
         box = ()
     if len(box) != 4:
-        raise ApiError(422, f"box must be four integers 'top bottom left right' (pixels), got {text!r}")
+        raise ApiError(422, f"box must be four integers 'top bottom left right' (pixels), got {str(text)[:60]!r}")
     return box  # type: ignore[return-value]
 
 
@@ -294,7 +392,7 @@ def parse_fps(text: Optional[str]) -> float:
     except ValueError:
         fps = float("nan")
     if not 0 < fps <= 240:
-        raise ApiError(422, f"fps must be a number of frames per second in (0, 240], got {text!r}")
+        raise ApiError(422, f"fps must be a number of frames per second in (0, 240], got {str(text)[:60]!r}")
     return fps
 
 
@@ -343,7 +441,7 @@ def create_app(state: ServerState):
 
     app = FastAPI(title="wav2lip server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TokenAuth, token=state.config.token)
-    _error_responses(app)
+    _error_responses(app, state)
     uploads = _Uploads(state)
     _page_routes(app, state)
     _avatar_routes(app, state, uploads)
@@ -352,7 +450,7 @@ def create_app(state: ServerState):
     return app
 
 
-def _error_responses(app) -> None:
+def _error_responses(app, state: ServerState) -> None:
     """Project errors as JSON responses: ApiError its status, a missing avatar 404, one in use 409,
     any other input error 422."""
 
@@ -370,7 +468,7 @@ def _error_responses(app) -> None:
 
     @app.exception_handler(Wav2LipError)
     async def unusable(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": state.public(str(exc))}, status_code=422)
 
 
 class _Uploads:
@@ -401,7 +499,28 @@ class _Uploads:
         if not kinds & {"image", "video"}:
             raise ApiError(415, f"the uploaded face {upload.filename!r} is not a video or photo this server can read "
                                 f"(judged by its content{'; it is audio' if kinds else ''})")
+        await asyncio.to_thread(media_limits, path, self.config, "face")
         return path, "image" if "image" in kinds else "video"
+
+    async def staged_audio(self, form, staging: str) -> str:
+        upload = _file(form, "audio")
+        if upload is None:
+            raise ApiError(422, "missing the speech: a multipart file field 'audio'")
+        path = await save_upload(upload, staging, "audio")
+        if "audio" not in await asyncio.to_thread(media_kinds, path):
+            raise ApiError(415, f"the uploaded audio {upload.filename!r} is not audio this server can "
+                                "read (judged by its content: no audio stream)")
+        await asyncio.to_thread(media_limits, path, self.config, "audio")
+        return path
+
+    async def form(self, request):
+        """The request's multipart form (see :func:`read_form`); ApiError 408 when the body has not
+        arrived within ``upload_timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(read_form(request, self.limit_bytes()), self.config.upload_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the upload did not arrive within {self.config.upload_timeout:g} s "
+                                "(--upload_timeout)") from None
 
 
 def _page_routes(app, state: ServerState) -> None:
@@ -442,7 +561,7 @@ def _avatar_routes(app, state: ServerState, uploads: _Uploads) -> None:
     async def create_avatar(request: Request):
         abandoned = threading.Event()
         try:
-            form = await read_form(request, uploads.limit_bytes())
+            form = await uploads.form(request)
             staging = state.store.staging_dir()
             try:
                 box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
@@ -450,11 +569,12 @@ def _avatar_routes(app, state: ServerState, uploads: _Uploads) -> None:
                 settings = uploads.settings_for(path, box, fps)
 
                 def prepare():
-                    with state.preparing:
-                        return state.store.create(path, settings, state.generator.device, kind=kind,
-                                                  wanted=lambda: not abandoned.is_set())
+                    if abandoned.is_set():
+                        return None
+                    return state.store.create(path, settings, state.generator.device, kind=kind,
+                                              wanted=lambda: not abandoned.is_set())
 
-                return JSONResponse(await asyncio.to_thread(prepare), status_code=201)
+                return JSONResponse(await state.prepare(prepare), status_code=201)
             finally:
                 await form.close()
                 shutil.rmtree(staging, ignore_errors=True)
@@ -473,32 +593,25 @@ def _lipsync_route(app, state: ServerState, uploads: _Uploads) -> None:
         from lipsync.inference import InferenceConfig, run_inference
 
         config = state.config
-
-        sid = state.reserve("lipsync")
-        staging = None
+        form = await uploads.form(request)  # read before taking a session slot: a slow upload holds none
+        staging = state.store.staging_dir()
+        sid = pinned = None
         try:
-            form = await read_form(request, uploads.limit_bytes())
-            staging = state.store.staging_dir()
             try:
                 avatar_id = _field(form, "avatar_id")
                 has_face = "face" in form or "file" in form
                 if (avatar_id is None) == (not has_face):
                     raise ApiError(422, "give the face as 'avatar_id' (a prepared avatar) or a 'face' file, one of them")
-                audio_upload = _file(form, "audio")
-                if audio_upload is None:
-                    raise ApiError(422, "missing the speech: a multipart file field 'audio'")
-                folder = face = None
-                if avatar_id is not None:
-                    folder = state.store.folder(avatar_id)
-                else:
-                    face, _ = await uploads.staged_face(form, staging)
+                face = None if avatar_id is not None else (await uploads.staged_face(form, staging))[0]
                 box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
-                audio_path = await save_upload(audio_upload, staging, "audio")
-                if "audio" not in await asyncio.to_thread(media_kinds, audio_path):
-                    raise ApiError(415, f"the uploaded audio {audio_upload.filename!r} is not audio this server can "
-                                        "read (judged by its content: no audio stream)")
+                audio_path = await uploads.staged_audio(form, staging)
             finally:
                 await form.close()
+            sid = state.reserve("lipsync")
+            folder = None
+            if avatar_id is not None:
+                folder = state.store.pin(avatar_id)  # in use: DELETE gets 409 until the job ends
+                pinned = avatar_id
             outfile = os.path.join(staging, "lipsync.mp4")
             cfg = InferenceConfig(checkpoint_path=state.generator.checkpoint_path, face=face, avatar=folder,
                                   audio=audio_path, outfile=outfile, box=box if face else NO_BOX, fps=fps,
@@ -507,18 +620,17 @@ def _lipsync_route(app, state: ServerState, uploads: _Uploads) -> None:
             sink = None
             if state.frame_sink is not None:
                 sink = lambda i, frame: state.frame_sink(sid, i, frame)  # noqa: E731
-            await asyncio.to_thread(run_inference, cfg, sink, state.generator)
-        except asyncio.CancelledError:  # see create_avatar
-            state.release(sid)
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise ApiError(503, SHUTDOWN_MESSAGE) from None
-        except BaseException:
-            state.release(sid)
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+            await asyncio.get_running_loop().run_in_executor(state.job_pool, run_inference, cfg, sink, state.generator)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, asyncio.CancelledError):  # see create_avatar
+                raise ApiError(503, SHUTDOWN_MESSAGE) from None
             raise
-        state.release(sid)
+        finally:
+            if pinned is not None:
+                state.store.release(pinned)
+            if sid is not None:
+                state.release(sid)
         return FileResponse(outfile, media_type="video/mp4", filename="lipsync.mp4",
                             background=BackgroundTask(shutil.rmtree, staging, True))
 
@@ -543,7 +655,7 @@ def _stream_route(app, state: ServerState) -> None:
             except AvatarNotFound as exc:
                 return await deny(ws, 404, str(exc))
             except Wav2LipError as exc:
-                return await deny(ws, 422, f"avatar {avatar_id} cannot be used: {exc}")
+                return await deny(ws, 422, f"avatar {avatar_id} cannot be used: {state.public(str(exc))}")
             session = StreamSession(sid, avatar, state.batcher.generate_for(sid), state.config.stream, state.idle,
                                     state.frame_sink, device=state.generator.device)
             await ws.accept()

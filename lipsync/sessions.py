@@ -337,7 +337,11 @@ class StreamSession:
         idler = asyncio.create_task(self._idle())
         try:
             done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done and receiver.exception() is None and receiver.result() != "gone":
+            if receiver in done and receiver.exception() is not None:
+                log.error("session %s: receiving failed", self.sid, exc_info=receiver.exception())
+                self.fail("internal error while reading the stream", CLOSE_INTERNAL)
+                await sender
+            elif receiver in done and receiver.result() != "gone":
                 await sender          # the end, or an error, is on its way out
         finally:
             for task in (receiver, sender, idler):
@@ -378,8 +382,6 @@ class StreamSession:
                 return "error"
 
     def _on_audio(self, data: bytes) -> None:
-        if self.ended:
-            raise SessionError("audio after {\"type\": \"end\"}", CLOSE_UNSUPPORTED)
         if len(data) > self.options.max_message_bytes:
             limit = self.options.max_message_bytes
             raise SessionError(f"audio message of {len(data)} bytes is too large: at most {limit} bytes "
@@ -402,7 +404,7 @@ class StreamSession:
             raise SessionError(f"text message of {len(text)} characters is too large", CLOSE_TOO_BIG)
         try:
             msg = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise SessionError(f"text messages must be JSON, got {text[:60]!r}", CLOSE_UNSUPPORTED) from None
         if not isinstance(msg, dict) or msg.get("type") != "end":
             raise SessionError(f'unknown message {text[:60]!r}: the only text message is {{"type": "end"}}; audio '
@@ -483,8 +485,9 @@ class StreamSession:
             now = time.monotonic()
             if tick < now - period:  # fell behind (a busy loop): skip, never burst
                 tick = now
-            await asyncio.sleep(max(0.0, tick - now))
-            now = time.monotonic()
+            while now < tick and now - self.last_audio <= opts.idle_timeout:  # low fps: wake for the timeout
+                await asyncio.sleep(min(tick - now, 0.5))
+                now = time.monotonic()
             if now - self.last_audio > opts.idle_timeout:
                 self.fail(f"no audio for {opts.idle_timeout:g} s: the session is closed", CLOSE_POLICY)
                 return

@@ -127,7 +127,9 @@ def probe_video(path: str) -> VideoInfo:
     if not video.width or not video.height:
         raise VideoError(f"cannot read video {path!r}: no frame size in its header")
     if video.rate is None or not 0 < video.rate < 1000:
-        raise VideoError(f"cannot read video {path!r}: unknown frame rate (pass --fps)")
+        rate = "none" if video.rate is None else f"{float(video.rate):g} frames/s"
+        raise VideoError(f"cannot read video {path!r}: its frame rate is unknown or implausible ({rate}); "
+                         "re-encode it at a constant rate, e.g. ffmpeg -i IN -r 25 OUT.mp4")
     width, height = video.width, video.height
     if abs(video.rotation) % 180 == 90:
         width, height = height, width  # ffmpeg rotates the frames it decodes

@@ -307,6 +307,118 @@ def test_sessions_beyond_max_get_503_and_avatars_in_use_409(media, tmp_path):
         assert client.delete(f"/v1/avatars/{avatar_id}").status_code == 204
 
 
+def test_playlists_are_not_uploads(media, tmp_path):
+    """An HLS playlist named .mp4 or .wav that points at a video on the server's disk is refused (415)
+    as a face and as audio: ffmpeg would read the server's file for it."""
+    on_server = tmp_path / "private.ts"
+    make_face_video(tmp_path / "private.mp4", 10, audio=media["tone"])
+    from lipsync.media import ffmpeg_command, ffmpeg_path
+    import subprocess
+    subprocess.run(ffmpeg_command("-i", ffmpeg_path(str(tmp_path / "private.mp4")), "-c:v", "mpeg2video", "-c:a",
+                                  "mp2", "-y", ffmpeg_path(str(on_server))), check=True, capture_output=True)
+    playlist = tmp_path / "innocent.mp4"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:0.4,\n{on_server}\n#EXT-X-ENDLIST\n")
+    with make_client(media, tmp_path) as client:
+        assert upload(client, str(playlist), box=BOX).status_code == 415
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with open(playlist, "rb") as fh:
+            r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("speech.wav", fh)})
+        assert r.status_code == 415
+    from lipsync.server import upload_format_ok
+    assert upload_format_ok("mov,mp4,m4a,3gp,3g2,mj2") and upload_format_ok("matroska,webm")
+    assert upload_format_ok("png_pipe") and upload_format_ok("wav")
+    assert not any(upload_format_ok(f) for f in ("hls", "concat", "dash", "", "sdp", "image2,hls"))
+
+
+def test_what_one_request_may_cost_is_limited(media, tmp_path):
+    """Frames over --max_frame_pixels, face videos over --max_avatar_seconds and /v1/lipsync audio
+    over --max_audio_seconds are refused with 422 naming the flag; error messages do not show the
+    server's paths."""
+    with make_client(media, tmp_path, max_frame_pixels=200 * 200, max_avatar_seconds=0.5,
+                     max_audio_seconds=0.3) as client:
+        r = upload(client, media["photo"], box=BOX)
+        assert r.status_code == 422 and "--max_frame_pixels" in r.json()["detail"]
+    with make_client(media, tmp_path, max_avatar_seconds=0.5, max_audio_seconds=0.3) as client:
+        r = upload(client, media["video"], box=BOX)  # 20 frames at 25 fps: 0.8 s
+        assert r.status_code == 422 and "--max_avatar_seconds" in r.json()["detail"]
+        avatar_id = upload(client, media["photo"], box=BOX).json()["avatar_id"]
+        with open(media["tone"], "rb") as a:  # 0.5 s
+            r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("a.wav", a)})
+        assert r.status_code == 422 and "--max_audio_seconds" in r.json()["detail"]
+        blank = tmp_path / "blank.png"
+        cv2.imwrite(str(blank), np.full((128, 128, 3), 127, np.uint8))
+        r = upload(client, str(blank))  # no box, and no face to find
+        detail = r.json()["detail"]
+        assert r.status_code == 422 and "no face found" in detail and "the uploaded face" in detail
+        assert str(tmp_path) not in detail and ".staging" not in detail
+
+
+def test_queued_preparations_do_not_stall_the_server(media, tmp_path, monkeypatch):
+    """Avatars are prepared one at a time on their own thread: while uploads wait for it, listings
+    and streams answer at once; beyond --max_sessions waiting uploads, 503. A /v1/lipsync job keeps
+    its avatar in use (DELETE gets 409 while it runs)."""
+    from lipsync.avatar_store import AvatarInUse, AvatarStore
+
+    release = threading.Event()
+    real_create = AvatarStore.create
+
+    def slow_create(self, *args, **kwargs):
+        release.wait(60)
+        return real_create(self, *args, **kwargs)
+
+    with make_client(media, tmp_path, max_sessions=2) as client:
+        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        monkeypatch.setattr(AvatarStore, "create", slow_create)
+        statuses = []
+        uploads = [threading.Thread(target=lambda: statuses.append(upload(client, media["photo"], box=BOX).status_code))
+                   for _ in range(8)]
+        for t in uploads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(statuses) < 6 and time.monotonic() < deadline:  # 1 preparing + 1 waiting; the rest 503 at once
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert client.get("/v1/avatars").status_code == 200
+        with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+            stream_pcm(ws, media["pcm"][:4000], 100)
+            assert read_stream(ws)[2]["type"] == "end"
+        waited = time.monotonic() - t0
+        release.set()
+        for t in uploads:
+            t.join(60)
+        assert sorted(statuses) == [201] * 2 + [503] * 6 and waited < 20, (statuses, waited)
+    monkeypatch.undo()
+
+    tried = []
+    holder = {}
+
+    def delete_while_rendering(sid, i, frame):
+        if i == 0:
+            try:
+                holder["state"].store.delete(holder["id"])
+            except AvatarInUse as exc:
+                tried.append(exc)
+
+    cfg = ServerConfig(avatars_dir=str(tmp_path / "avatars2"), face_detector="lbp")
+    holder["state"] = ServerState(media["gen"], cfg, frame_sink=delete_while_rendering)
+    with TestClient(create_app(holder["state"])) as client:
+        holder["id"] = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        with open(media["tone"], "rb") as a:
+            r = client.post("/v1/lipsync", data={"avatar_id": holder["id"]}, files={"audio": ("a.wav", a)})
+        assert r.status_code == 200 and len(tried) == 1
+        assert client.delete(f"/v1/avatars/{holder['id']}").status_code == 204
+
+
+def test_token_values_are_hidden_in_the_access_log():
+    import logging
+
+    import serve
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', (
+        "127.0.0.1:5", "GET", f"/v1/stream?avatar_id=ab&token={TOKEN}&x=1", "1.1", 101), None)
+    assert serve._HideToken().filter(record)
+    assert TOKEN not in record.getMessage() and "token=***&x=1" in record.getMessage()
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +492,7 @@ def test_frames_leave_before_the_end(media, served):
     (lambda ws, pcm: ws.send_bytes(b"\x01\x02\x03"), "odd number", 1003),
     (lambda ws, pcm: ws.send_text("hello"), "must be JSON", 1003),
     (lambda ws, pcm: ws.send_text('{"type": "start"}'), "unknown message", 1003),
+    (lambda ws, pcm: ws.send_text("[" * 3000), "must be JSON", 1003),  # nesting deeper than the parser goes
     (lambda ws, pcm: ws.send_bytes(np.zeros(40000, "<i2").tobytes()), "too large", 1009),
     (lambda ws, pcm: ws.send_text('{"type": "end"}'), "before any audio", 1003),
     (lambda ws, pcm: (ws.send_bytes(pcm[:1000].tobytes()), ws.send_text('{"type": "end"}')), "too short", 1003),
@@ -425,12 +538,17 @@ def test_idle_frames_while_no_audio_arrives(media, tmp_path):
     assert np.abs(shown.astype(int) - expected).mean() < 4
 
 
-def test_silent_sessions_time_out(media, tmp_path):
+@pytest.mark.parametrize("fps", [None, "0.2"])
+def test_silent_sessions_time_out(media, tmp_path, fps):
+    """After --idle_timeout without audio, also for an avatar whose frames are seconds apart."""
     with make_client(media, tmp_path, stream=StreamOptions(idle_timeout=0.3)) as client:
-        avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
+        face = media["video"] if fps is None else media["photo"]
+        avatar_id = upload(client, face, box=BOX, **({"fps": fps} if fps else {})).json()["avatar_id"]
+        t0 = time.monotonic()
         with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
             _, _, last, code = read_stream(ws)
     assert last["type"] == "error" and "no audio" in last["message"] and code == 1008
+    assert time.monotonic() - t0 < 2.5
 
 
 # ---------------------------------------------------------------------------------------------

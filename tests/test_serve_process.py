@@ -191,7 +191,12 @@ def test_sigterm_restart_and_stream_client(assets, tmp_path):
         assert isinstance(up, httpx.Response) and up.status_code == 503 and made == [avatar_id], (up, made)
     no_leftovers(avatars)
 
-    again = Server(assets["ckpt"], avatars, tmp_path / "log2.txt")
+    # one session slot, and a /v1/lipsync upload trickling in: it holds no slot (the stream below
+    # gets one), and is answered 408 when --upload_timeout runs out
+    again = Server(assets["ckpt"], avatars, tmp_path / "log2.txt", "--max_sessions", "1", "--upload_timeout", "4")
+    trickle = socket.create_connection(("127.0.0.1", again.port))
+    trickle.sendall(b"POST /v1/lipsync HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                    b"Content-Length: 100000\r\n\r\n--b\r\n")
     try:
         assert sorted(a["avatar_id"] for a in httpx.get(again.url + "/v1/avatars").json()["avatars"]) == made
         import stream_client
@@ -208,7 +213,10 @@ def test_sigterm_restart_and_stream_client(assets, tmp_path):
         assert probe_media(str(out)).audio is not None
         with pytest.raises(ClientError, match="404"):
             stream_audio(again.url, "0123456789abcdef", assets["pcm"][:4000])
+        trickle.settimeout(30)
+        assert trickle.recv(4096).startswith(b"HTTP/1.1 408")
     finally:
+        trickle.close()
         stopped_cleanly(again)
 
 
