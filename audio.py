@@ -86,6 +86,8 @@ def load_wav(path: str, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not os.path.isfile(path):
         raise AudioError(f"audio file not found: {path!r}")
     read = _read_soundfile(path)
+    if read is not None and read[0].size == 0:
+        read = None  # a WAV whose header says 0 bytes (a recorder stopped before finishing it): ffmpeg reads on
     if read is not None:
         wav, file_sr = read
         if file_sr != sr and wav.size:

@@ -114,7 +114,7 @@ def evaluate(args) -> int:
             row["error"] = str(exc)
             failures += 1
         results.append(row)
-        if not args.quiet:
+        if not args.quiet or "error" in row:  # --quiet hides progress, never a video's error
             print(format_row(row), flush=True)
 
     summary = summarize(results)

@@ -232,13 +232,18 @@ def parse_overrides(text: str | None) -> dict:
 def check_audio_overrides(preset: str, hp: HParams) -> None:
     """Raise :class:`HParamsError` when ``hp`` changes the audio front end where it cannot work: any
     of :data:`AUDIO_KEYS` in a published layout (``96``, ``288``), whose checkpoints only understand
-    mels made the published way, and the window shape (80 mels x 16 columns) in any preset."""
+    mels made the published way; the window shape (80 mels x 16 columns) and the frame rate (25 fps,
+    what preprocess.py writes) in any preset."""
     default = HParams()
     changed = [k for k in AUDIO_KEYS if getattr(hp, k) != getattr(default, k)]
     fixed = [k for k in changed if k in MODEL_SHAPE_KEYS]
     if fixed:
         raise HParamsError(f"hparam {fixed[0]!r} cannot change: the models' audio encoder takes {NUM_MELS}-band, "
                            f"{MEL_STEP_SIZE}-column mel windows")
+    if hp.fps != default.fps:
+        raise HParamsError(f"hparam 'fps' cannot change: preprocess.py writes frames at {default.fps:g} fps, and "
+                           "training pairs frame k with the mel window at column int(80 k / fps), so another "
+                           "value would pair every frame with the wrong audio")
     if changed and preset in PUBLISHED_PRESETS:
         raise HParamsError(f"hparam {changed[0]!r} is part of the audio front end ({SAMPLE_RATE} Hz, hop {HOP_SIZE}, "
                            f"window {WIN_SIZE}, {NUM_MELS} mels, {FMIN:g}-{FMAX:g} Hz, normalised to "

@@ -70,6 +70,7 @@ def apply_shift(clip_dir: str, total_shift: int) -> None:
 
 def clean_filelists(filelists_dir: str, excluded: set) -> dict:
     """Drop excluded clips from each list (atomically); returns {split: removed count}."""
+    from lipsync.data import filelist_clip
     from lipsync.dataprep import write_text_atomic
 
     removed = {}
@@ -79,7 +80,7 @@ def clean_filelists(filelists_dir: str, excluded: set) -> dict:
             continue
         with open(path) as fh:
             lines = fh.readlines()
-        keep = [ln for ln in lines if not (ln.strip() and ln.split()[0] in excluded)]
+        keep = [ln for ln in lines if filelist_clip(ln, excluded.__contains__) not in excluded]
         removed[split] = len(lines) - len(keep)
         if removed[split]:
             write_text_atomic(path, "".join(keep))

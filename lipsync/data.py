@@ -12,7 +12,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import cv2
 import numpy as np
@@ -30,16 +30,32 @@ class DatasetError(Wav2LipError, RuntimeError):
     """No usable training data (the message says why)."""
 
 
+def filelist_clip(line: str, is_clip: Callable[[str], bool]) -> Optional[str]:
+    """The clip a filelist line names ("group/clip", relative to the data root): the whole line
+    when ``is_clip`` says it is one or it has no blank (names may contain spaces), else its first
+    word (LRS2's lists add a second column such as "NF"). None for a blank line."""
+    text = line.strip()
+    if not text:
+        return None
+    return text if is_clip(text) or len(text.split()) == 1 else text.split()[0]
+
+
 def read_filelist(filelists_dir: str, split: str, data_root: str) -> List[str]:
+    """Clip folders (paths under ``data_root``) listed in ``filelists_dir/<split>.txt``; DatasetError
+    when the list is missing."""
     path = os.path.join(filelists_dir, f"{split}.txt")
     if not os.path.isfile(path):
         raise DatasetError(f"filelist not found: {path!r} (run generate_filelists.py --data_root {data_root})")
+
+    def folder(name: str) -> str:
+        return name if os.path.isabs(name) else os.path.join(data_root, name)
+
     clips = []
     with open(path) as fh:
         for line in fh:
-            line = line.strip().split()[0] if line.strip() else ""
-            if line:
-                clips.append(line if os.path.isabs(line) else os.path.join(data_root, line))
+            clip = filelist_clip(line, lambda text: os.path.isdir(folder(text)))
+            if clip:
+                clips.append(folder(clip))
     return clips
 
 

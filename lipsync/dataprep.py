@@ -162,7 +162,11 @@ def scan_raw_corpus(data_root: str) -> CorpusScan:
             continue
         for name in sorted(os.listdir(top)):
             path = os.path.join(top, name)
+            if os.path.isdir(path):
+                not_clips.append((path, "a folder inside a group: clips are <group>/<clip>.<ext>"))
+                continue
             if not os.path.isfile(path):
+                not_clips.append((path, "not a regular file (a broken link?)"))
                 continue
             if name.startswith("."):  # hidden: our own .partial files, macOS ._ companions, .DS_Store
                 not_clips.append((path, "hidden file"))

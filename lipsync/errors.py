@@ -33,17 +33,36 @@ def error_line(exc: BaseException) -> str:
     return "error: " + (" ".join(m.strip() for m in msg) if msg else type(exc).__name__)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``timeout``, ``docker stop``, a job scheduler): unwinds like Ctrl-C, so
+    unfinished outputs are removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_main(fn, *args, **kwargs) -> int:
     """Call ``fn(*args, **kwargs)`` and return its exit status; a :class:`Wav2LipError` or an
-    ``OSError`` becomes one ``error:`` line on stderr and status 2; Ctrl-C is status 130."""
+    ``OSError`` becomes one ``error:`` line on stderr and status 2; Ctrl-C is status 130, SIGTERM
+    143 (both after the work in progress has cleaned up: no partial output file is left)."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn(*args, **kwargs)
     except (Wav2LipError, OSError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ also runs to the end of the audio, where the published script stops a frame or t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -159,6 +160,11 @@ def validate(cfg: InferenceConfig) -> None:
         raise InferenceError("--det_every must be >= 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise InferenceError("--threads must be >= 1")
+    if not (math.isfinite(cfg.fps) and 0 < cfg.fps <= 1000):
+        raise InferenceError(f"--fps must be a frame rate in (0, 1000] frames/s, got {cfg.fps:g}")
+    if cfg.outfile and os.path.isdir(cfg.outfile):
+        raise InferenceError(f"--outfile {cfg.outfile!r} is a folder: give a file name (e.g. "
+                             f"{os.path.join(cfg.outfile, 'result.mp4')})")
     if not os.path.isfile(cfg.checkpoint_path):
         raise InferenceError(f"--checkpoint_path not found: {cfg.checkpoint_path!r}")
     if (cfg.face is None) == (cfg.avatar is None):

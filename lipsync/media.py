@@ -62,19 +62,24 @@ def _check_executable(path: str, what: str) -> str:
 
 def use_ffmpeg(path: Optional[str]) -> None:
     """Use the ffmpeg at ``path`` (a file or a name on the PATH) from now on; ``None`` goes back to
-    the default order. Raises :class:`MediaError` when it is not an executable ffmpeg."""
+    the default order. Raises :class:`MediaError` when it (or, with ``None``, ``$WAV2LIP_FFMPEG``)
+    is not an executable ffmpeg."""
     global _chosen
-    if path:
-        exe = _check_executable(path, "--ffmpeg")
-        proc = subprocess.run([exe, "-hide_banner", "-version"], stdin=subprocess.DEVNULL, capture_output=True)
-        if proc.returncode != 0 or b"ffmpeg version" not in proc.stdout:
-            raise MediaError(f"--ffmpeg {path!r} does not run as ffmpeg (`{exe} -version` failed)")
-        _chosen = exe
-    else:
-        _chosen = None
+    _chosen = _runs_as_ffmpeg(path, "--ffmpeg") if path else None
     ffmpeg_exe.cache_clear()
     ffprobe_exe.cache_clear()
     probe_media.cache_clear()
+    env = os.environ.get(ENV_FFMPEG)
+    if not path and env:  # checked now, not by the first file it fails on
+        _runs_as_ffmpeg(env, f"${ENV_FFMPEG}")
+
+
+def _runs_as_ffmpeg(path: str, what: str) -> str:
+    exe = _check_executable(path, what)
+    proc = subprocess.run([exe, "-hide_banner", "-version"], stdin=subprocess.DEVNULL, capture_output=True)
+    if proc.returncode != 0 or b"ffmpeg version" not in proc.stdout:
+        raise MediaError(f"{what} {path!r} does not run as ffmpeg (`{exe} -version` failed)")
+    return exe
 
 
 def add_ffmpeg_arg(parser) -> None:
@@ -233,6 +238,22 @@ def _rate_from_header(text: str) -> Optional[Fraction]:
     return Fraction(text.rstrip("k")).limit_denominator(1000) * (1000 if text.endswith("k") else 1)
 
 
+NOPTS = -0x8000000000000000  # AV_NOPTS_VALUE in a packet listing
+
+
+def snap_rate(rate: Optional[Fraction]) -> Optional[Fraction]:
+    """A measured frame rate (frames/s) within 0.1% of a standard one is that one: the nearest of
+    k/2 and the NTSC family k * 1000/1001. Measurements come out slightly off where a container's
+    clock cannot hold the exact frame duration (Matroska's milliseconds or nanoseconds give
+    19001/317 for 60000/1001; MPEG-TS's 90 kHz packet durations alternate). Others are kept."""
+    if rate is None or rate.denominator in (1, 2, 1001):
+        return rate
+    value = float(rate)
+    candidates = [c for c in (Fraction(round(value * 2), 2), Fraction(round(value * 1.001) * 1000, 1001)) if c > 0]
+    best = min(candidates, key=lambda c: abs(float(c) - value), default=None)
+    return best if best is not None and abs(float(best) - value) <= 1e-3 * value else rate
+
+
 def _fraction(text: Optional[str]) -> Optional[Fraction]:
     try:
         num, _, den = (text or "").partition("/")
@@ -323,6 +344,10 @@ def _probe_ffprobe(exe: str, path: str) -> MediaInfo:
             if not rotation and (s.get("tags") or {}).get("rotate"):
                 rotation = _norm_rotation(-float(s["tags"]["rotate"]))  # the tag is clockwise
             rate = _fraction(s.get("avg_frame_rate")) or _fraction(s.get("r_frame_rate"))
+            if str(fmt.get("format_name")) == "avi" and _fraction(s.get("r_frame_rate")):
+                # AVI stores B-frame delays as empty packets, which the average counts (twice the rate)
+                rate = _fraction(s.get("r_frame_rate"))
+            rate = snap_rate(rate)
             streams.append(StreamInfo(width=int(s.get("width") or 0), height=int(s.get("height") or 0), rate=rate,
                                       rotation=rotation, **common))
         else:
@@ -346,6 +371,7 @@ def _probe_ffmpeg(path: str) -> MediaInfo:
         raise MediaError(stderr_reason(proc.stderr, "ffmpeg could not read it"))
     duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur.group(1) else 0.0
     file_start = float(dur.group(4)) if dur.group(4) else 0.0
+    demuxer = re.search(r"^Input #\d+, (.+?), from '", header, re.M)
     # the lines after a stream's line (its metadata and side data) belong to it
     blocks: List[Tuple[re.Match, str]] = []
     for line in header.splitlines():
@@ -366,6 +392,8 @@ def _probe_ffmpeg(path: str) -> MediaInfo:
         if kind == "video":
             size = re.search(r"[ ,](\d{1,5})x(\d{1,5})[ ,\[]", rest + " ")
             fps = re.search(r"([\d.]+k?) fps", rest) or re.search(r"([\d.]+k?) tbr", rest)
+            if demuxer and demuxer.group(1) == "avi":  # "fps" counts B-frame delays (empty packets)
+                fps = re.search(r"([\d.]+k?) tbr", rest) or fps
             rot = re.search(r"rotation of (-?[\d.]+) degrees", extra)
             tag = re.search(r"^\s*rotate\s*:\s*(-?[\d.]+)", extra, re.M)
             rotation = _norm_rotation(float(rot.group(1))) if rot else _norm_rotation(-float(tag.group(1))) if tag else 0
@@ -381,7 +409,6 @@ def _probe_ffmpeg(path: str) -> MediaInfo:
                 ch = int(n.group(1)) if n else 0
             streams.append(StreamInfo(index, kind, codec, start, None, sample_rate=int(hz.group(1)) if hz else 0,
                                       channels=ch))
-    demuxer = re.search(r"^Input #\d+, (.+?), from '", header, re.M)
     info = MediaInfo(path, file_start, duration, tuple(streams), "ffmpeg", demuxer.group(1) if demuxer else "")
     return _with_packet_times(info)
 
@@ -411,10 +438,12 @@ def _with_packet_times(info: MediaInfo) -> MediaInfo:
             continue
         cols = [c.strip() for c in line.split(",")]
         flags = next((int(c[2:], 16) for c in cols[6:] if c.startswith("F=")), 0)
-        if flags & 0x4 or len(cols) < 4:  # AV_PKT_FLAG_DISCARD: decoded for reference, never shown
+        if flags & 0x4 or len(cols) < 5:  # AV_PKT_FLAG_DISCARD: decoded for reference, never shown
             continue
         try:
-            packets.setdefault(int(cols[0]), []).append((int(cols[2]), int(cols[3])))
+            pts = int(cols[2]) if int(cols[2]) != NOPTS else int(cols[1])  # AVI lists no pts: its dts
+            if int(cols[4]) > 0:  # empty packets (AVI's B-frame delays) hold no frame
+                packets.setdefault(int(cols[0]), []).append((pts, int(cols[3])))
         except ValueError:
             continue
     out = {s.index: s for s in info.streams}
@@ -423,7 +452,9 @@ def _with_packet_times(info: MediaInfo) -> MediaInfo:
         if not rows or tb is None:
             continue
         first = min(p for p, _ in rows)
-        last = max(p + d for p, d in rows)
+        known = sorted(d for _, d in rows if d > 0)
+        typical = known[len(known) // 2] if known else 0  # ffmpeg 5.1 lists some last packets with duration 0
+        last = max(p + (d if d > 0 else typical) for p, d in rows)
         start = float(first * tb) - info.start
         end = float(last * tb) - info.start
         if s.kind == "video":
@@ -437,6 +468,9 @@ def _with_packet_times(info: MediaInfo) -> MediaInfo:
             # the header's two-decimal rate guards against containers without real durations
             if rate is not None and s.rate is not None and abs(float(rate) - float(s.rate)) > 0.01 * float(s.rate):
                 rate = s.rate
+            if info.format == "avi":  # packet durations count B-frame delays; the header's tbr does not
+                rate = s.rate
+            rate = snap_rate(rate)
             out[s.index] = StreamInfo(s.index, s.kind, s.codec, s.start if s.start is not None else start, end,
                                       s.width, s.height, rate or s.rate, s.rotation)
         else:
@@ -517,13 +551,25 @@ _IMAGE_SIGNATURES: Sequence[Tuple[int, bytes]] = (
 )
 
 
+@functools.lru_cache(maxsize=1)
+def opencv_reads_avif() -> bool:
+    """Whether the installed OpenCV was built with an AVIF decoder (its build information says so)."""
+    import cv2
+
+    return any(line.strip().startswith("AVIF:") and "NO" not in line.split(":", 1)[1]
+               for line in cv2.getBuildInformation().splitlines())
+
+
 def image_signature(head: bytes) -> bool:
     """Whether ``head`` (a file's first 32 bytes) starts like a still image OpenCV decodes: JPEG,
-    PNG, BMP, TIFF, WebP, JPEG 2000 or binary PNM (P4-P6). Animated formats (GIF) count as videos."""
+    PNG, BMP, TIFF, WebP, JPEG 2000, binary PNM (P4-P6), or AVIF where this OpenCV reads it.
+    Animated formats (GIF, animated AVIF) count as videos."""
     if any(head[off:off + len(sig)] == sig for off, sig in _IMAGE_SIGNATURES):
         return True
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
+    if head[4:12] == b"ftypavif":  # a still AVIF (an animated one's brand is avis)
+        return opencv_reads_avif()
     if head[:2] == b"BM" and len(head) >= 18:  # BMP: a 2-byte magic, so check the DIB header size too
         return int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)
     return len(head) > 2 and head[:1] == b"P" and head[1:2] in (b"4", b"5", b"6") and head[2:3].isspace()

@@ -279,8 +279,12 @@ class VideoWriter:
             self._remove_tmp()
             reason = self.drain.last() or ("no frames were written" if self.frames == 0 else f"exit {rc}")
             raise VideoError(f"ffmpeg failed to write {self.path!r}: {reason}")
-        os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp made it private
-        os.replace(self.tmp_path, self.path)
+        try:
+            os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp made it private
+            os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            self._remove_tmp()
+            raise VideoError(f"cannot write {self.path!r}: {exc.strerror or exc}") from None
         return self.path
 
     def abort(self) -> None:

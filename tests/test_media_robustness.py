@@ -284,6 +284,43 @@ def test_rational_rates_are_written_exactly(tmp_path, rate):
         assert Fraction(stream["avg_frame_rate"]) == rate == Fraction(stream["r_frame_rate"])
 
 
+def test_measured_rates_snap_to_standard_ones(tmp_path, monkeypatch):
+    """Matroska's clock holds 60000/1001 as 19001/317 (ffprobe says so), MPEG-TS packet durations
+    alternate, AVI counts B-frame delays as empty packets (twice the rate): each is read as the
+    rate it was made with, by ffprobe and by ffmpeg alone. Rates that are not near a standard one
+    (70/3) are kept."""
+    assert media.snap_rate(Fraction(19001, 317)) == Fraction(60000, 1001)
+    assert media.snap_rate(Fraction(10000, 417)) == Fraction(24000, 1001)
+    assert media.snap_rate(Fraction(90000, 1501)) == Fraction(60000, 1001)
+    assert media.snap_rate(Fraction(22500, 469)) == Fraction(48000, 1001)
+    assert media.snap_rate(Fraction(70, 3)) == Fraction(70, 3) and media.snap_rate(Fraction(25)) == 25
+    files = {}
+    for rate in ("60000/1001", "24000/1001"):
+        mp4 = str(tmp_path / f"r{rate.replace('/', '_')}.mp4")
+        ffmpeg("-f", "lavfi", "-i", f"testsrc=size=64x48:rate={rate}:duration=1", "-c:v", "libx264", "-pix_fmt",
+               "yuv420p", mp4)
+        for ext in ("mkv", "ts"):
+            files[mp4[:-3] + ext] = Fraction(rate)
+            ffmpeg("-i", mp4, "-c", "copy", mp4[:-3] + ext)
+    bframes = str(tmp_path / "b.mp4")
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=30:duration=1", "-c:v", "libx264", "-bf", "2", "-pix_fmt",
+           "yuv420p", bframes)
+    files[str(tmp_path / "b.avi")] = Fraction(30)
+    ffmpeg("-i", bframes, "-c", "copy", str(tmp_path / "b.avi"))
+    probers = (["ffprobe"] if media.ffprobe_exe() else []) + ["none"]
+    try:
+        for prober in probers:
+            if prober == "none":
+                monkeypatch.setenv(media.ENV_FFPROBE, "none")
+            media.use_ffmpeg(None)
+            assert {f: media.probe_media(f).video.rate for f in files} == files, prober
+        # 30 pictures (not 60); AVI's timestamps after B-frames can add one at the end
+        assert len(list(iter_frames(probe_video(str(tmp_path / "b.avi"))))) in (30, 31)
+    finally:
+        monkeypatch.delenv(media.ENV_FFPROBE, raising=False)
+        media.use_ffmpeg(None)
+
+
 def test_to_rate():
     assert media.to_rate(24000 / 1001) == Fraction(24000, 1001)
     assert media.to_rate("30000/1001") == Fraction(30000, 1001) and media.to_rate(25) == 25
@@ -310,6 +347,38 @@ def test_image_or_video_by_content(tmp_path):
     assert not is_image_file(video) and not is_image_path(video)
     assert not is_image_file(str(tmp_path / "notes"))
     assert is_image_path(str(tmp_path / "missing.png")) and not is_image_path(str(tmp_path / "missing.mov"))
+    if media.opencv_reads_avif() and has_encoders("libaom-av1"):  # a still AVIF is a photo
+        avif = str(tmp_path / "face.avif")
+        ffmpeg("-i", str(tmp_path / "face.jfif"), "-frames:v", "1", "-c:v", "libaom-av1", "-still-picture", "1", avif)
+        assert is_image_file(avif)
+
+
+def test_a_wav_whose_header_says_no_data_is_read_to_its_end(tmp_path):
+    """A recorder stopped before it wrote the WAV header's sizes: the samples are still there."""
+    wav = tone_wav(tmp_path / "t.wav", 0.5)
+    data = bytearray(open(wav, "rb").read())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = (0).to_bytes(4, "little")
+    crashed = tmp_path / "crashed.wav"
+    crashed.write_bytes(bytes(data))
+    assert len(audio.load_wav(str(crashed))) == pytest.approx(SR // 2, abs=SR // 100)
+
+
+def test_filelists_name_clips_with_spaces(tmp_path):
+    """A clip named "12:30 take" is one clip in the filelists (trainers read it, sync_correct.py
+    removes it); LRS2's second column ("NF") is still read as a flag."""
+    import sync_correct
+    from lipsync.data import read_filelist
+
+    for clip in ("g1/12:30 take", "g 2/a", "g1/b"):
+        (tmp_path / "pre" / clip).mkdir(parents=True)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("g1/12:30 take\ng 2/a\ng1/b NF\n\n")
+    assert read_filelist(str(lists), "train", str(tmp_path / "pre")) == [
+        str(tmp_path / "pre" / c) for c in ("g1/12:30 take", "g 2/a", "g1/b")]
+    assert sync_correct.clean_filelists(str(lists), {"g1/12:30 take", "g1/b"}) == {"train": 2}
+    assert (lists / "train.txt").read_text() == "g 2/a\n\n"
 
 
 @pytest.mark.parametrize("face,voice", [("12:30 take.mp4", "voice:take2.wav"), ("-dash.mp4", "-"),
@@ -350,10 +419,15 @@ def test_corpus_lists_every_container_and_letter_case(tmp_path):
     cv2.imwrite(str(spk / "photo.jpg"), astronaut((64, 64)))
     tone_wav(spk / "voice.wav", 0.2)
     (root / "loose.mp4").write_bytes(open(clip, "rb").read())
+    (spk / "session2").mkdir()
+    (spk / "session2" / "nested.mp4").write_bytes(open(clip, "rb").read())
+    os.symlink(tmp_path / "nowhere.mp4", spk / "broken.mp4")
     scan = scan_raw_corpus(str(root))
     assert sorted(c.name for c in scan.clips) == ["a", "b", "c", "d", "e"]
     why = {os.path.basename(p): r for p, r in scan.not_clips}
-    assert set(why) == {"a.mp4", "notes.txt", ".DS_Store", "photo.jpg", "voice.wav", "loose.mp4"}
+    assert set(why) == {"a.mp4", "notes.txt", ".DS_Store", "photo.jpg", "voice.wav", "loose.mp4", "session2",
+                        "broken.mp4"}
+    assert "folder inside a group" in why["session2"] and "broken link" in why["broken.mp4"]
     assert "same clip name as a.mov" in why["a.mp4"] and "still image" in why["photo.jpg"] and "audio" in why["voice.wav"]
     assert "<group>" in why["loose.mp4"]
     assert hq_path(str(spk / "c.mov")) == str(spk / "c_hq.mp4")
@@ -386,8 +460,9 @@ def test_preprocess_counts_clips_in_every_container(tmp_path):
 def test_ffmpeg_choice(tmp_path, monkeypatch):
     exe = media.ffmpeg_exe()
     monkeypatch.setenv(media.ENV_FFMPEG, str(tmp_path / "nope"))
-    media.use_ffmpeg(None)
     try:
+        with pytest.raises(media.MediaError, match="WAV2LIP_FFMPEG"):
+            media.use_ffmpeg(None)  # said at once, not by the first file it fails on
         with pytest.raises(media.MediaError, match="WAV2LIP_FFMPEG"):
             media.ffmpeg_exe()
         media.use_ffmpeg(exe)  # a flag wins over the environment
@@ -405,14 +480,22 @@ def test_ffmpeg_choice(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # one family of errors: one line, exit 2, no traceback
 # ---------------------------------------------------------------------------------------------
-def _script(name, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], capture_output=True, text=True)
+def _script(name, *args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_entry_points_report_one_error_line(tmp_path):
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(os.urandom(3000))
     (tmp_path / "empty").mkdir()
+    photo = tmp_path / "face.png"
+    import cv2
+
+    cv2.imwrite(str(photo), astronaut((64, 64)))
+    voice = tone_wav(tmp_path / "t.wav", 0.5)
+    ckpt = os.path.join(ROOT, "tests", "fixtures", "tiny_generator_trained.pth")
+    infer = ["--checkpoint_path", ckpt, "--face", str(photo), "--audio", voice, "--box", "0", "64", "0", "64"]
     cases = [
         ("preprocess.py", ["--data_root", str(tmp_path / "missing"), "--preprocessed_root", str(tmp_path / "p")],
          "not a directory"),
@@ -430,6 +513,13 @@ def test_entry_points_report_one_error_line(tmp_path):
         ("wav2lip_train.py", ["--data_root", str(tmp_path / "empty"), "--checkpoint_dir", str(tmp_path / "c"),
                               "--syncnet_checkpoint_path", "x.pth", "--preset", "96", "--hparams", "hop_size=160"],
          "audio front end"),
+        ("wav2lip_train.py", ["--data_root", str(tmp_path / "empty"), "--checkpoint_dir", str(tmp_path / "c"),
+                              "--syncnet_checkpoint_path", "x.pth", "--preset", "tiny", "--hparams", "fps=30"],
+         "'fps' cannot change"),
+        ("inference.py", infer + ["--fps", "0"], "--fps"),
+        ("inference.py", infer + ["--fps", "nan"], "--fps"),
+        ("inference.py", infer + ["--fps", "-5"], "--fps"),
+        ("inference.py", infer + ["--outfile", str(tmp_path / "empty")], "is a folder"),
     ]
     for script, args, needle in cases:
         r = _script(script, *args)
@@ -437,6 +527,11 @@ def test_entry_points_report_one_error_line(tmp_path):
         assert r.returncode == 2, (script, r.stderr)
         assert "Traceback" not in r.stderr and lines[-1].startswith(("error:", f"{script}: error:")), (script, r.stderr)
         assert needle in r.stderr, (script, r.stderr)
+    # a bad $WAV2LIP_FFMPEG is said once, up front (not as every clip failing)
+    r = _script("preprocess.py", "--data_root", str(tmp_path / "empty"), "--preprocessed_root", str(tmp_path / "p"),
+                env={media.ENV_FFMPEG: str(tmp_path / "no-ffmpeg")})
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "WAV2LIP_FFMPEG" in r.stderr
+    assert os.listdir(tmp_path / "empty") == []  # --outfile's folder: no temporary file left in it
 
 
 # ---------------------------------------------------------------------------------------------
