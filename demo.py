@@ -193,6 +193,15 @@ def contact_sheet(rows: Dict[str, Sequence[np.ndarray]], picks: Sequence[int], f
     return sheet
 
 
+def resume_from(checkpoint_dir: str, prefix: str) -> List[str]:
+    """``["--checkpoint_path", newest]`` when an interrupted run left step checkpoints with this
+    prefix in ``checkpoint_dir`` (the trainer then continues where it stopped), else ``[]``."""
+    from lipsync.training import latest_checkpoint
+
+    latest = latest_checkpoint(checkpoint_dir, prefix) if os.path.isdir(checkpoint_dir) else None
+    return ["--checkpoint_path", latest] if latest else []
+
+
 def inference_argv(gen_ckpt: str, face_clip: str, speech: str, result: str, device: str) -> List[str]:
     """The demo's ``inference.py`` command line: lbp boxes without padding, found on every frame as
     preprocessing found the training crops, and the default (feather) blend.
@@ -244,8 +253,9 @@ def main(argv=None) -> int:
                         "--ngpu", "2", "--batch_size", "32"] + q) != 0:
         raise SystemExit("preprocess.py failed on some clips; see preprocessed/failures.json")
     log("4/7 filelists")
-    assert generate_filelists.main(["--data_root", pre, "--out_dir", fl, "--val_fraction", "0.15",
-                                    "--test_fraction", "0.15", "--seed", str(args.seed)]) == 0
+    if generate_filelists.main(["--data_root", pre, "--out_dir", fl, "--val_fraction", "0.15",
+                                "--test_fraction", "0.15", "--seed", str(args.seed)]) != 0:
+        raise SystemExit("generate_filelists.py failed")
 
     hp_over = f"seed={args.seed}"
     # a larger batch and step size than the tiny preset's, decayed to the end of the run, and augmented
@@ -257,8 +267,9 @@ def main(argv=None) -> int:
     if not os.path.exists(expert_ckpt):
         rc = color_syncnet_train.main(["--data_root", pre, "--checkpoint_dir", ck, "--filelists_dir", fl,
                                        "--preset", "tiny", "--hparams", expert_over, "--max_steps", str(args.expert_steps),
-                                       "--device", args.device] + q)
-        assert rc == 0, "expert training failed"
+                                       "--device", args.device] + resume_from(ck, "") + q)
+        if rc != 0:
+            raise SystemExit("expert training failed")
     log(f"6/7 generator ({args.generator_steps} steps, sync loss switched on when the expert agrees)")
     import wav2lip_train
 
@@ -266,8 +277,10 @@ def main(argv=None) -> int:
     if not os.path.exists(gen_ckpt):
         rc = wav2lip_train.main(["--data_root", pre, "--checkpoint_dir", ck, "--filelists_dir", fl, "--preset", "tiny",
                                  "--hparams", hp_over, "--max_steps", str(args.generator_steps),
-                                 "--syncnet_checkpoint_path", expert_ckpt, "--device", args.device] + q)
-        assert rc == 0, "generator training failed"
+                                 "--syncnet_checkpoint_path", expert_ckpt, "--device", args.device]
+                                + resume_from(ck, "wav2lip_") + q)
+        if rc != 0:
+            raise SystemExit("generator training failed")
 
     log("7/7 inference on a held-out identity with held-out audio, scored against the true video")
     import torch

@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     audios = args.audio or []
     if len(audios) > 1 and not args.outdir:
         parser.error("several --audio files need --outdir (each output is named after its audio)")
+    if args.outdir and "outfile" in explicit_flags(argv if argv is not None else sys.argv[1:]):
+        parser.error("give --outfile (one output) or --outdir (outputs named after their audio), not both")
 
     from lipsync.errors import run_main
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,9 +30,10 @@ from lipsync.errors import Wav2LipError
 from lipsync.frames import FaceSource, FrameTransform, frames_by_index, output_order
 from lipsync.pipeline import Timings
 from lipsync.progress import progress_bar
+from lipsync.video import _umask
 
 AVATAR_FORMAT = "wav2lip-avatar"
-AVATAR_VERSION = 1
+AVATAR_VERSION = 2  # 2: avatar.json carries its own checksum ("meta_sha256")
 NO_BOX = (-1, -1, -1, -1)
 
 
@@ -276,25 +278,49 @@ def save_avatar(avatar: Avatar, folder: str) -> str:
     if avatar.crops is None:
         raise AvatarError("internal error: only an avatar prepared with its crops can be saved")
     folder = os.path.abspath(folder)
-    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, "avatar.json")):
-        raise AvatarError(f"--save_avatar {folder!r} is a folder with other files in it; give a new or empty "
-                          "folder (or an existing avatar folder to replace)")
+    check_save_target(folder)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".partial", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private
+    old = tmp + ".old"
     try:
         _write_folder(avatar, tmp)
         if os.path.isdir(folder):
-            old = tmp + ".old"
             os.rename(folder, old)
             os.rename(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, folder)
     except BaseException:
+        if os.path.isdir(old) and not os.path.exists(folder):
+            os.rename(old, folder)  # interrupted between the renames: the previous avatar stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+AVATAR_FILES = ("avatar.json", "boxes.npy", "crops.npy")
+
+
+def check_save_target(folder: str) -> None:
+    """Refuse (AvatarError) a ``--save_avatar`` path that is a file, or a non-empty folder that is not
+    an avatar this program saved (only its own files in it): replacing it would delete the rest."""
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise AvatarError(f"--save_avatar {folder!r} is a file; give a new or empty folder")
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return
+    try:
+        meta = read_avatar_meta(folder)
+        ours = set(AVATAR_FILES) | {meta["source"]}
+    except AvatarError:
+        ours = set()
+    others = sorted(set(os.listdir(folder)) - ours)
+    if not ours or others:
+        raise AvatarError(f"--save_avatar {folder!r} is a folder with other files in it ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); give a new or empty folder (or a saved avatar's "
+                          "folder to replace)")
 
 
 def _write_folder(avatar: Avatar, tmp: str) -> None:
@@ -312,8 +338,15 @@ def _write_folder(avatar: Avatar, tmp: str) -> None:
         "original": os.path.basename(avatar.source.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sha256": {name: _sha256(os.path.join(tmp, name)) for name in (source_name, "boxes.npy", "crops.npy")},
     }
+    meta["meta_sha256"] = _meta_digest(meta)
     with open(os.path.join(tmp, "avatar.json"), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=1)
+
+
+def _meta_digest(meta: dict) -> str:
+    """sha256 of avatar.json's content other than this digest (canonical JSON: sorted keys)."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _remake_hint(folder: str, meta: dict) -> str:
@@ -347,6 +380,8 @@ def read_avatar_meta(folder: str) -> dict:
     for name, typ in need.items():
         if not isinstance(meta.get(name), typ):
             raise AvatarError(f"{path!r} is damaged (field {name!r} missing or wrong); " + _remake_hint(folder, meta))
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise AvatarError(f"{path!r} was edited (it does not match its own checksum); " + _remake_hint(folder, meta))
     return meta
 
 
@@ -373,13 +408,16 @@ def settings_from_record(rec: dict) -> AvatarSettings:
     try:
         det = DetectionSettings(detector=rec.get("face_detector", "sfd"), scale=float(rec.get("det_scale", 1.0)),
                                 every=int(rec.get("det_every", 1)), jump_iou=float(rec.get("det_jump_iou", 0.7)))
-        return AvatarSettings(fps=float(rec["fps"]), static=bool(rec["static"]),
+        settings = AvatarSettings(fps=float(rec["fps"]), static=bool(rec["static"]),
                               transform=FrameTransform(int(rec["resize_factor"]), bool(rec["rotate"]),
                                                        tuple(int(v) for v in rec["crop"])),
                               pads=tuple(int(v) for v in rec["pads"]), nosmooth=bool(rec["nosmooth"]),
                               box=tuple(int(v) for v in rec["box"]), detection=det)
     except (KeyError, TypeError, ValueError) as exc:
         raise AvatarError(f"avatar settings are damaged ({exc})") from None
+    if not (math.isfinite(settings.fps) and settings.fps > 0):
+        raise AvatarError(f"avatar settings are damaged (fps {settings.fps!r})")
+    return settings
 
 
 def load_avatar(folder: str, img_size: int, wanted: Optional[dict] = None, verify: bool = True) -> Avatar:
@@ -413,6 +451,9 @@ def load_avatar(folder: str, img_size: int, wanted: Optional[dict] = None, verif
     source.count = n
     coords = array_to_boxes(boxes)
     w, h = source.first_frame().shape[1::-1]
+    if (meta.get("width"), meta.get("height")) != (w, h):
+        raise AvatarError(f"avatar {folder!r} frames are {w}x{h}, avatar.json says {meta.get('width')}x"
+                          f"{meta.get('height')}; " + _remake_hint(folder, meta))
     if any(c is not None and not (0 <= c[0] < c[1] <= h and 0 <= c[2] < c[3] <= w) for c in coords):
         raise AvatarError(f"avatar {folder!r} has boxes outside its {w}x{h} frames; " + _remake_hint(folder, meta))
     key = hashlib.sha1(repr([meta["sha256"], img_size]).encode()).hexdigest()[:16]

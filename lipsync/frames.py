@@ -36,7 +36,11 @@ class FrameTransform:
     def apply(self, frame: np.ndarray) -> np.ndarray:
         """(H, W, 3) -> (H', W', 3); raises FrameSourceError when the crop leaves nothing."""
         if self.resize_factor > 1:
-            frame = cv2.resize(frame, (frame.shape[1] // self.resize_factor, frame.shape[0] // self.resize_factor))
+            w, h = frame.shape[1] // self.resize_factor, frame.shape[0] // self.resize_factor
+            if not w or not h:
+                raise FrameSourceError(f"--resize_factor {self.resize_factor} leaves nothing of a "
+                                       f"{frame.shape[1]}x{frame.shape[0]} frame")
+            frame = cv2.resize(frame, (w, h))
         if self.rotate:
             frame = cv2.rotate(frame, cv2.ROTATE_90_CLOCKWISE)
         y1, y2, x1, x2 = self.crop

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 import audio
-from lipsync.avatar import (Avatar, AvatarSettings, load_avatar, prepare_avatar, save_avatar)
+from lipsync.avatar import (Avatar, AvatarSettings, check_save_target, load_avatar, prepare_avatar, save_avatar)
 from lipsync.boxes import DetectionCache, DetectionSettings
 from lipsync.device import resolve_device
 from lipsync.engine import count_missing, frame_count, render
@@ -160,6 +160,12 @@ def validate(cfg: InferenceConfig) -> None:
         raise InferenceError("--det_every must be >= 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise InferenceError("--threads must be >= 1")
+    if not 0 <= cfg.det_jump_iou <= 1:
+        raise InferenceError(f"--det_jump_iou is an IoU, in [0, 1]; got {cfg.det_jump_iou:g}")
+    if cfg.face_cache_mb is not None and cfg.face_cache_mb < 0:
+        raise InferenceError("--face_cache_mb must be >= 0")
+    if cfg.save_avatar:
+        check_save_target(cfg.save_avatar)
     if not (math.isfinite(cfg.fps) and 0 < cfg.fps <= 1000):
         raise InferenceError(f"--fps must be a frame rate in (0, 1000] frames/s, got {cfg.fps:g}")
     if cfg.outfile and os.path.isdir(cfg.outfile):
@@ -169,6 +175,19 @@ def validate(cfg: InferenceConfig) -> None:
         raise InferenceError(f"--checkpoint_path not found: {cfg.checkpoint_path!r}")
     if (cfg.face is None) == (cfg.avatar is None):
         raise InferenceError("give the face as --face FILE or a saved --avatar DIR (one of them)")
+
+
+def check_outputs(cfg: InferenceConfig, jobs: Sequence[tuple]) -> None:
+    """Refuse (InferenceError) an output file that is one of the inputs (the face video, an audio,
+    a saved avatar's source): writing it would destroy that input."""
+    inputs = [cfg.face] + [a for a, _ in jobs]
+    if cfg.avatar:
+        inputs += [os.path.join(cfg.avatar, n) for n in os.listdir(cfg.avatar)] if os.path.isdir(cfg.avatar) else []
+    taken = {os.path.realpath(p) for p in inputs if p}
+    for _, outfile in jobs:
+        if outfile and os.path.realpath(outfile) in taken:
+            raise InferenceError(f"the output {outfile!r} is one of the inputs; writing it would destroy that "
+                                 "input: give another --outfile or --outdir")
 
 
 def load_generator(cfg: InferenceConfig) -> Generator:
@@ -251,6 +270,7 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
     Wav2LipError / OSError of a job that failed in its place (the other jobs still run)."""
     t_start = time.perf_counter()
     validate(cfg)
+    check_outputs(cfg, jobs)
     # the first mel imports librosa's STFT (numba: seconds); let that happen while the model loads
     import threading
 

@@ -17,7 +17,7 @@ import random
 import re
 import time
 from collections import defaultdict
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -136,12 +136,25 @@ def step_path(checkpoint_dir: str, prefix: str, step: int) -> str:
     return os.path.join(checkpoint_dir, f"{prefix}checkpoint_step{step:09d}.pth")
 
 
-def prune(checkpoint_dir: str, prefix: str, keep: int) -> None:
-    """Keep the newest ``keep`` step checkpoints with this prefix (the best one is a separate file)."""
+def step_checkpoints(checkpoint_dir: str, prefix: str) -> List[Tuple[int, str]]:
+    """(step, path) of the step checkpoints ``<prefix>checkpoint_step<9 digits>.pth``, by step."""
     pattern = re.compile(re.escape(prefix) + r"checkpoint_step(\d{9})\.pth")
-    found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pth"))
-                   if (m := pattern.fullmatch(os.path.basename(p))))
-    for _, path in found[:-keep] if keep > 0 else []:
+    return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pth"))
+                  if (m := pattern.fullmatch(os.path.basename(p))))
+
+
+def latest_checkpoint(checkpoint_dir: str, prefix: str = "") -> Optional[str]:
+    """The step checkpoint with the highest step (what a resumed run continues from), or None."""
+    found = step_checkpoints(checkpoint_dir, prefix)
+    return found[-1][1] if found else None
+
+
+def prune(checkpoint_dir: str, prefix: str, keep: int, current: Optional[str] = None) -> None:
+    """Keep the newest ``keep`` step checkpoints with this prefix (the best one is a separate file),
+    and always ``current`` (the one just written, even where an earlier run left higher steps)."""
+    found = [(step, p) for step, p in step_checkpoints(checkpoint_dir, prefix) if p != current]
+    extra = 1 if current is not None else 0
+    for _, path in found[:-(keep - extra)] if keep - extra > 0 else (found if keep > 0 else []):
         os.remove(path)
 
 
@@ -248,7 +261,7 @@ class Trainer:
             obj = {**payload, **self.state()}
             path = step_path(self.args.checkpoint_dir, prefix, self.global_step)
             save_atomic(obj, path)
-            prune(self.args.checkpoint_dir, prefix, self.hp.keep_last_checkpoints)
+            prune(self.args.checkpoint_dir, prefix, self.hp.keep_last_checkpoints, current=path)
             if best:
                 save_atomic(obj, os.path.join(self.args.checkpoint_dir, f"{prefix}checkpoint_best.pth"))
         log.info("saved checkpoint at step %d%s", self.global_step, " (best)" if best else "")

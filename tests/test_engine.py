@@ -50,6 +50,12 @@ def frames_of(cfg, **kw):
     return summary, [got[i] for i in range(len(got))]
 
 
+def fixed_generator(env):
+    """fp32, one thread, 8-frame forwards: frames that do not depend on what the CPU tuner picks
+    (oneDNN's float sums differ in the last bit with the batch size and the thread count)."""
+    return Generator(env["ckpt"], device="cpu", precision="fp32", threads=1, micro_batch=8)
+
+
 def cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), "--quiet", *args],
                           capture_output=True, text=True)
@@ -59,8 +65,8 @@ def cli(*args):
 def test_library_render_equals_cli_composition(env, tmp_path):
     """render(generator, avatar, wav) yields exactly the frames run_inference encodes."""
     cfg = cfg_for(env, tmp_path)
-    _, via_run = frames_of(cfg)
-    gen = Generator(env["ckpt"], device="cpu", precision="fp32")
+    gen = fixed_generator(env)
+    _, via_run = frames_of(cfg, generator=gen)
     avatar = prepare_avatar(env["video"], cfg.avatar_settings(), gen.img_size, progress=False)
     wav = audio.load_wav(WAV, audio.SAMPLE_RATE)
     via_lib = list(render(gen, avatar, wav, loop="repeat", blend="feather"))
@@ -70,14 +76,14 @@ def test_library_render_equals_cli_composition(env, tmp_path):
 
 def test_saved_avatar_renders_the_cold_frames_without_detection(env, tmp_path, monkeypatch):
     folder = str(tmp_path / "avatar")
-    cold, cold_frames = frames_of(cfg_for(env, tmp_path, save_avatar=folder))
+    cold, cold_frames = frames_of(cfg_for(env, tmp_path, save_avatar=folder), generator=fixed_generator(env))
     meta = json.load(open(os.path.join(folder, "avatar.json")))
     assert meta["frames"] == 30 and meta["img_size"] == 96 and meta["settings"]["face_detector"] == "lbp"
 
     import face_detection
 
     monkeypatch.setattr(face_detection, "get_detector", lambda *a, **k: pytest.fail("detector ran"))
-    warm, warm_frames = frames_of(cfg_for(env, tmp_path, face=None, avatar=folder))
+    warm, warm_frames = frames_of(cfg_for(env, tmp_path, face=None, avatar=folder), generator=fixed_generator(env))
     assert warm.seconds["detect"] == 0 and warm.seconds["crop"] == 0
     assert cold.seconds["crop"] > 0
     assert len(warm_frames) == len(cold_frames) == 83
@@ -145,6 +151,8 @@ def _damage(folder, tmp_path, how):
     elif how == "not an avatar":
         os.remove(meta_path)
         return copy, []
+    elif how == "edited settings":  # rotate the frames the boxes were found in: wrong frames if believed
+        meta["settings"]["rotate"] = True
     json.dump(meta, open(meta_path, "w"))
     return copy, []
 
@@ -160,10 +168,12 @@ def _damage(folder, tmp_path, how):
     ("edited boxes", [], "checksum"),
     ("missing source", [], "missing"),
     ("not an avatar", [], "not an avatar folder"),
+    ("edited settings", [], "edited"),
 ])
 def test_refused_avatar_folders(env, avatar_dir, tmp_path, case, extra, expected):
     folder, ckpt = avatar_dir, env["ckpt"]
-    if case in ("version", "json", "truncated crops", "edited boxes", "missing source", "not an avatar"):
+    if case in ("version", "json", "truncated crops", "edited boxes", "missing source", "not an avatar",
+                "edited settings"):
         folder, extra = _damage(avatar_dir, tmp_path, case)
     if case == "layout":
         ckpt, extra = save_generator(tmp_path / "g288.pth", img_size=288, width=0.0625), []
@@ -189,6 +199,78 @@ def test_saving_over_a_folder_of_other_files_is_refused(env, tmp_path):
             "--box", "40", "200", "60", "196")
     assert r.returncode == 2 and "other files" in r.stderr
     assert os.listdir(folder) == ["keep.txt"] and [p for p in os.listdir(tmp_path) if "partial" in p] == []
+    # an avatar.json among other files does not make a folder an avatar to replace
+    (folder / "avatar.json").write_text("{}")
+    (folder / "sub").mkdir()
+    r = cli("--checkpoint_path", env["ckpt"], "--face", env["video"], "--save_avatar", str(folder),
+            "--box", "40", "200", "60", "196")
+    assert r.returncode == 2 and "other files" in r.stderr and sorted(os.listdir(folder)) == [
+        "avatar.json", "keep.txt", "sub"]
+    r = cli("--checkpoint_path", env["ckpt"], "--face", env["video"], "--save_avatar", str(folder / "keep.txt"),
+            "--box", "40", "200", "60", "196")
+    assert r.returncode == 2 and "is a file" in r.stderr and (folder / "keep.txt").read_text() == "mine"
+
+
+def test_an_interrupted_save_keeps_the_avatar_it_would_replace(env, avatar_dir, tmp_path, monkeypatch):
+    """Ctrl-C between moving the old avatar aside and moving the new one in: the old one is back."""
+    import shutil
+
+    from lipsync.avatar import load_avatar, save_avatar
+
+    folder = str(tmp_path / "mine")
+    shutil.copytree(avatar_dir, folder)
+    before = load_avatar(folder, 96)
+    renames = []
+    real_rename = os.rename
+
+    def rename(a, b):
+        renames.append((a, b))
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_avatar(before, folder)
+    monkeypatch.undo()
+    after = load_avatar(folder, 96)
+    assert np.array_equal(np.asarray(after.crops), np.asarray(before.crops))
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+    from lipsync.video import _umask
+
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~_umask()  # readable as the umask says, not 0700
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--resize_factor", "300"], "--resize_factor 300"),
+    (["--det_jump_iou", "5"], "--det_jump_iou"),
+    (["--face_cache_mb", "-5"], "--face_cache_mb"),
+])
+def test_flag_values_that_cannot_work(env, tmp_path, extra, expected):
+    r = cli("--checkpoint_path", env["ckpt"], "--face", env["video"], "--audio", env["wav2"], "--face_detector",
+            "lbp", "--outfile", str(tmp_path / "o.mp4"), *extra)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and lines[-1].startswith("error:") and expected in lines[-1], r.stderr
+
+
+def test_an_output_never_overwrites_an_input(env, tmp_path):
+    """--audio clips/talk.mp4 --outdir clips would name its output clips/talk.mp4: refused, the input kept;
+    --outfile with --outdir is a usage error."""
+    import shutil
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    talk = clips / "talk.mp4"
+    shutil.copy(env["video"], talk)
+    data = talk.read_bytes()
+    for args in (["--face", str(talk), "--audio", str(talk), env["wav2"], "--outdir", str(clips)],
+                 ["--face", str(talk), "--audio", env["wav2"], "--outfile", str(talk)]):
+        r = cli("--checkpoint_path", env["ckpt"], "--box", "40", "200", "60", "196", *args)
+        assert r.returncode == 2 and "one of the inputs" in r.stderr, r.stderr
+        assert talk.read_bytes() == data
+    r = cli("--checkpoint_path", env["ckpt"], "--face", env["video"], "--audio", env["wav2"], "--outdir",
+            str(tmp_path / "o"), "--outfile", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and "not both" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------

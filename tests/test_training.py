@@ -260,3 +260,22 @@ def test_expert_probability_is_safe():
 def test_unknown_hparam_is_rejected(data, tmp_path):
     with pytest.raises(SystemExit):
         color_syncnet_train.main(common(data, tmp_path, 1, "not_a_key=1"))
+
+
+def test_prune_keeps_the_checkpoint_just_written(tmp_path):
+    """A fresh run in a folder where an earlier run left higher steps keeps its own new checkpoint;
+    latest_checkpoint names the highest step (what the demo resumes from)."""
+    from lipsync.training import latest_checkpoint, prune, step_path
+
+    for step in (700, 750, 800):
+        open(step_path(str(tmp_path), "", step), "wb").close()
+    open(step_path(str(tmp_path), "wav2lip_", 900), "wb").close()
+    assert latest_checkpoint(str(tmp_path), "") == step_path(str(tmp_path), "", 800)
+    new = step_path(str(tmp_path), "", 1)
+    open(new, "wb").close()
+    prune(str(tmp_path), "", 3, current=new)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(step_path(str(tmp_path), p, s))
+                                                  for p, s in (("", 1), ("", 750), ("", 800), ("wav2lip_", 900)))
+    prune(str(tmp_path), "", 2)
+    assert latest_checkpoint(str(tmp_path), "") == step_path(str(tmp_path), "", 800)
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("checkpoint_")]) == 2
