@@ -314,8 +314,9 @@ def test_measured_rates_snap_to_standard_ones(tmp_path, monkeypatch):
                 monkeypatch.setenv(media.ENV_FFPROBE, "none")
             media.use_ffmpeg(None)
             assert {f: media.probe_media(f).video.rate for f in files} == files, prober
-        # 30 pictures (not 60); AVI's timestamps after B-frames can add one at the end
-        assert len(list(iter_frames(probe_video(str(tmp_path / "b.avi"))))) in (30, 31)
+        # 30 pictures (not 60); AVI stores no presentation times, and the end its decode times give
+        # after B-frames differs between ffmpeg versions by a frame or two
+        assert abs(len(list(iter_frames(probe_video(str(tmp_path / "b.avi"))))) - 30) <= 2
     finally:
         monkeypatch.delenv(media.ENV_FFPROBE, raising=False)
         media.use_ffmpeg(None)
