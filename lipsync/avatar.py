@@ -30,7 +30,7 @@ from lipsync.errors import Wav2LipError
 from lipsync.frames import FaceSource, FrameTransform, frames_by_index, output_order
 from lipsync.pipeline import Timings
 from lipsync.progress import progress_bar
-from lipsync.video import _umask
+from lipsync.video import current_umask
 
 AVATAR_FORMAT = "wav2lip-avatar"
 AVATAR_VERSION = 2  # 2: avatar.json carries its own checksum ("meta_sha256")
@@ -282,7 +282,7 @@ def save_avatar(avatar: Avatar, folder: str) -> str:
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".partial", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it private
     old = tmp + ".old"
     try:
         _write_folder(avatar, tmp)

@@ -104,7 +104,7 @@ class ServerState:
         # detection competes with generation), /v1/lipsync jobs one thread per session slot
         self.prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.job_pool = ThreadPoolExecutor(config.max_sessions, thread_name_prefix="lipsync")
-        self.preparing = threading.Semaphore(1)  # held while an avatar is prepared (shutdown waits for it)
+        self._root_pattern = re.compile(re.escape(os.path.abspath(self.store.root)) + r"[^'\"\s]*")
         self.prepares_waiting = 0
         self.closing = False
 
@@ -137,13 +137,8 @@ class ServerState:
             if self.prepares_waiting >= self.config.max_sessions:
                 raise ApiError(503, f"{self.prepares_waiting} avatars are being prepared; try again later")
             self.prepares_waiting += 1
-
-        def run():
-            with self.preparing:
-                return fn()
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, run)
+            return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, fn)
         finally:
             with self.lock:
                 self.prepares_waiting -= 1
@@ -157,10 +152,6 @@ class ServerState:
             return names.get(os.path.basename(m.group(0)), "an avatar's file")
 
         return self._root_pattern.sub(name, message)
-
-    @property
-    def _root_pattern(self):
-        return re.compile(re.escape(os.path.abspath(self.store.root)) + r"[^'\"\s]*")
 
     def _forget_faces(self, avatar: Avatar) -> None:
         bank = self.generator.bank
@@ -187,9 +178,10 @@ class ServerState:
         """Shutdown, after the HTTP server stopped: end streams, let an avatar being prepared finish
         (up to ``prepare_grace`` seconds), stop the batcher, remove unfinished uploads and saves."""
         await self.end_streams(grace)
-        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
-        if await asyncio.to_thread(self.preparing.acquire, True, prepare_grace):
-            self.preparing.release()
+        # queued preparations are cancelled; the one running may finish (saved whole) within the grace
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(self.prepare_pool.shutdown, True, cancel_futures=True),
+                                   prepare_grace)
         self.job_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.batcher.close)
         self.store.cleanup()

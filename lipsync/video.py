@@ -188,7 +188,8 @@ def count_frames(info: VideoInfo, fps: Optional[Rate] = None) -> int:
     return sum(1 for _ in iter_frames(info, fps))
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-mode creation mask (e.g. 0o022): what new files' permissions leave out."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -280,7 +281,7 @@ class VideoWriter:
             reason = self.drain.last() or ("no frames were written" if self.frames == 0 else f"exit {rc}")
             raise VideoError(f"ffmpeg failed to write {self.path!r}: {reason}")
         try:
-            os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp made it private
+            os.chmod(self.tmp_path, 0o666 & ~current_umask())  # mkstemp made it private
             os.replace(self.tmp_path, self.path)
         except OSError as exc:
             self._remove_tmp()
@@ -335,6 +336,6 @@ def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
     if proc.returncode != 0:
         os.remove(tmp)
         raise VideoError(f"ffmpeg could not mux {video_path!r}: {stderr_reason(proc.stderr, str(proc.returncode))}")
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, out_path)
 

@@ -236,9 +236,9 @@ def test_an_interrupted_save_keeps_the_avatar_it_would_replace(env, avatar_dir, 
     after = load_avatar(folder, 96)
     assert np.array_equal(np.asarray(after.crops), np.asarray(before.crops))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
-    from lipsync.video import _umask
+    from lipsync.video import current_umask
 
-    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~_umask()  # readable as the umask says, not 0700
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~current_umask()  # readable as the umask says, not 0700
 
 
 @pytest.mark.parametrize("extra,expected", [
