@@ -34,6 +34,13 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # process holds a core (32 frames were 1.66x faster than 8 on two busy threads).
 CPU_MICRO_BATCHES = (8, 32)
 
+# The one execution plan of ``Generator(..., reproducible=True)``: (intra-op threads, frames per forward).
+# oneDNN picks its convolution kernels by thread count and batch shape, and on some CPUs (AMD EPYC with
+# AVX-512) those kernels sum in different orders; the output's truncation to uint8 turns such a
+# last-bit difference into a grey level here and there. One thread and one frame per forward make a
+# frame's pixels a function of its inputs alone, whatever the batching, the tuner or other sessions.
+REPRODUCIBLE_PLAN = (1, 1)
+
 
 class PrecisionError(Wav2LipError, ValueError):
     """A precision the device cannot run."""
@@ -249,12 +256,16 @@ class Generator:
     docstring. ``threads``: CPU intra-op threads (None: adapted while running, see :class:`CpuTuner`).
     ``micro_batch``: frames per forward call on the CPU (None: adapted). ``face_cache_mb``: memory
     for face features of crops seen before (:class:`FaceBank`; 0 disables). BatchNorm is folded into the
-    convolutions (same function, fewer operations). Raises CheckpointError for a file that is not a
-    generator, PrecisionError for a precision the device cannot run.
+    convolutions (same function, fewer operations). ``reproducible``: on the CPU, run the fixed
+    :data:`REPRODUCIBLE_PLAN` instead of the tuned one (slower), so that the frames of a crop and a mel
+    window are bit-identical however they were batched, on any CPU; it overrides ``threads`` and
+    ``micro_batch``. Raises CheckpointError for a file that is not a generator, PrecisionError for a
+    precision the device cannot run.
     """
 
     def __init__(self, checkpoint_path: str, device="auto", precision: str = "auto",
-                 threads: Optional[int] = None, micro_batch: Optional[int] = None, face_cache_mb: float = 512):
+                 threads: Optional[int] = None, micro_batch: Optional[int] = None, face_cache_mb: float = 512,
+                 reproducible: bool = False):
         from models import load_model
         from models.fuse import fold_batchnorm
 
@@ -263,6 +274,9 @@ class Generator:
         self.dtype = _DTYPES[self.precision]
         if threads is not None and threads < 1:
             raise PrecisionError("--threads must be >= 1")
+        self.reproducible = reproducible
+        if reproducible:
+            threads, micro_batch = REPRODUCIBLE_PLAN
         loaded = load_model(checkpoint_path, kind="generator", device="cpu")
         self.checkpoint_path = os.path.abspath(checkpoint_path)
         self.img_size = loaded.img_size

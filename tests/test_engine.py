@@ -11,7 +11,7 @@ import torch
 
 import audio
 import inference
-from conftest import REFERENCE, ROOT
+from conftest import REFERENCE, ROOT, reproducible_generator
 from lipsync.avatar import AvatarSettings, load_avatar, prepare_avatar
 from lipsync.boxes import DetectionSettings, FaceFinder
 from lipsync.engine import render
@@ -50,12 +50,6 @@ def frames_of(cfg, **kw):
     return summary, [got[i] for i in range(len(got))]
 
 
-def fixed_generator(env):
-    """fp32, one thread, 8-frame forwards: frames that do not depend on what the CPU tuner picks
-    (oneDNN's float sums differ in the last bit with the batch size and the thread count)."""
-    return Generator(env["ckpt"], device="cpu", precision="fp32", threads=1, micro_batch=8)
-
-
 def cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), "--quiet", *args],
                           capture_output=True, text=True)
@@ -65,7 +59,7 @@ def cli(*args):
 def test_library_render_equals_cli_composition(env, tmp_path):
     """render(generator, avatar, wav) yields exactly the frames run_inference encodes."""
     cfg = cfg_for(env, tmp_path)
-    gen = fixed_generator(env)
+    gen = reproducible_generator(env["ckpt"])
     _, via_run = frames_of(cfg, generator=gen)
     avatar = prepare_avatar(env["video"], cfg.avatar_settings(), gen.img_size, progress=False)
     wav = audio.load_wav(WAV, audio.SAMPLE_RATE)
@@ -76,14 +70,14 @@ def test_library_render_equals_cli_composition(env, tmp_path):
 
 def test_saved_avatar_renders_the_cold_frames_without_detection(env, tmp_path, monkeypatch):
     folder = str(tmp_path / "avatar")
-    cold, cold_frames = frames_of(cfg_for(env, tmp_path, save_avatar=folder), generator=fixed_generator(env))
+    cold, cold_frames = frames_of(cfg_for(env, tmp_path, save_avatar=folder), generator=reproducible_generator(env["ckpt"]))
     meta = json.load(open(os.path.join(folder, "avatar.json")))
     assert meta["frames"] == 30 and meta["img_size"] == 96 and meta["settings"]["face_detector"] == "lbp"
 
     import face_detection
 
     monkeypatch.setattr(face_detection, "get_detector", lambda *a, **k: pytest.fail("detector ran"))
-    warm, warm_frames = frames_of(cfg_for(env, tmp_path, face=None, avatar=folder), generator=fixed_generator(env))
+    warm, warm_frames = frames_of(cfg_for(env, tmp_path, face=None, avatar=folder), generator=reproducible_generator(env["ckpt"]))
     assert warm.seconds["detect"] == 0 and warm.seconds["crop"] == 0
     assert cold.seconds["crop"] > 0
     assert len(warm_frames) == len(cold_frames) == 83

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import audio
-from conftest import REFERENCE
+from conftest import REFERENCE, reproducible_generator
 from lipsync.avatar import load_avatar
 from lipsync.engine import render
 from lipsync.generator import Generator
@@ -40,9 +40,9 @@ TOKEN = "s3cret-token"
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     ckpt = tiny_checkpoint(d / "wav2lip_tiny.pth")
-    # micro_batch=1: every frame runs alone, so frames do not depend on how they were batched and the
-    # streamed frames can be compared with the offline ones bit for bit
-    generator = Generator(ckpt, device="cpu", precision="fp32", micro_batch=1)
+    # the fixed plan: frames do not depend on how they were batched or on the CPU tuner, so the streamed
+    # frames can be compared with the offline ones bit for bit
+    generator = reproducible_generator(ckpt)
     photo = str(d / "photo.mp4")  # a PNG whatever its name says
     cv2.imwrite(str(d / "photo.png"), astronaut())
     shutil.copy(d / "photo.png", photo)
