@@ -98,6 +98,9 @@ class HParams:
     # random flip, colour gain / offset and a small zoom of each training window (the same for its
     # 5 frames): the expert then generalises to faces it has not seen instead of memorising them
     syncnet_augment: bool = False
+    # which validation score picks checkpoint_best.pth: "loss" (BCE, lowest) or "auc" (ROC AUC of in-sync
+    # against off-sync pairs, highest: how well the expert ranks, what sync correction and LSE rely on)
+    syncnet_best_metric: str = "loss"
 
     # ---- visual-quality discriminator ----
     disc_wt: float = 0.07
@@ -148,7 +151,8 @@ AUDIO_KEYS = ("num_mels", "n_fft", "hop_size", "win_size", "sample_rate", "signa
 MODEL_SHAPE_KEYS = ("num_mels", "syncnet_mel_step_size")
 PUBLISHED_PRESETS = ("96", "288")
 
-_ALLOWED_CHOICES = {"amp": ("none", "bf16", "fp16"), "img_size": (96, 288), "lr_schedule": ("constant", "cosine")}
+_ALLOWED_CHOICES = {"amp": ("none", "bf16", "fp16"), "img_size": (96, 288), "lr_schedule": ("constant", "cosine"),
+                    "syncnet_best_metric": ("loss", "auc")}
 
 
 class HParamsError(Wav2LipError, ValueError):

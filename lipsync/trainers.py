@@ -36,6 +36,9 @@ class ExpertTrainer(Trainer):
     checkpoint_interval_key = "syncnet_checkpoint_interval"
 
     def setup(self):
+        self.best_metric = self.hp.syncnet_best_metric
+        self.best_is_highest = self.best_metric == "auc"
+        self.best = self.worst_score()
         self.model = build_expert(self.hp).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.hp.syncnet_lr)
         if self.args.checkpoint_path:
@@ -59,7 +62,19 @@ class ExpertTrainer(Trainer):
         a, v = self.net(mel, x)
         loss, p = sync_bce(a, v, y)
         accuracy = ((p > 0.5).float() == y).float().mean()
+        self._scored.append((p.reshape(-1).cpu(), y.reshape(-1).cpu()))
         return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+    def evaluate(self, writer=None):
+        """The shared means (loss, accuracy) plus ``auc``: the ROC AUC of every validation pair scored
+        (in sync vs >= 5 frames off; with DDP, the mean of each process's AUC)."""
+        from lipsync.metrics import roc_auc
+
+        self._scored = []
+        metrics = super().evaluate(writer)
+        p, y = (torch.cat(parts).numpy() for parts in zip(*self._scored))  # (pairs,), (pairs,)
+        metrics["auc"] = self.env.mean(roc_auc(p, y))
+        return metrics
 
     def checkpoint_payload(self):
         return {self.prefix: {"state_dict": self.model.state_dict(), "optimizer": self.opt.state_dict()}}

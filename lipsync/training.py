@@ -190,7 +190,8 @@ class Trainer:
     lr_key = "initial_learning_rate"
     eval_interval_key = "eval_interval"
     checkpoint_interval_key = "checkpoint_interval"
-    best_metric = "loss"      # lower is better
+    best_metric = "loss"      # the validation score that picks checkpoint_best.pth
+    best_is_highest = False   # loss: lowest is best
 
     def __init__(self, args, hp: HParams, env: Dist):
         self.args, self.hp, self.env = args, hp, env
@@ -198,7 +199,7 @@ class Trainer:
         self.global_step = 0
         self.global_epoch = 0
         self.epoch_step = 0  # batches of the current epoch already trained (resume goes on after them)
-        self.best = math.inf
+        self.best = self.worst_score()
         self.extra_state: dict = {}
         use_amp = hp.amp != "none" and self.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hp.amp) if use_amp else None
@@ -225,6 +226,15 @@ class Trainer:
         pass
 
     # ---- shared ----
+    def worst_score(self) -> float:
+        return -math.inf if self.best_is_highest else math.inf
+
+    def improves(self, value) -> bool:
+        """Whether the validation score ``value`` of :attr:`best_metric` beats the best so far."""
+        if value is None:
+            return False
+        return value > self.best if self.best_is_highest else value < self.best
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
@@ -239,14 +249,17 @@ class Trainer:
 
     def state(self) -> dict:
         return {"global_step": self.global_step, "global_epoch": self.global_epoch, "epoch_step": self.epoch_step,
-                "best_val": self.best,
+                "best_val": self.best, "best_metric": self.best_metric,
                 "hparams": self.hp.to_dict(), "scaler": self.scaler.state_dict(), **self.extra_state}
 
     def restore_counters(self, ckpt: dict):
         self.global_step = int(ckpt.get("global_step", 0))
         self.global_epoch = int(ckpt.get("global_epoch", 0))
         self.epoch_step = int(ckpt.get("epoch_step", 0))
-        self.best = float(ckpt.get("best_val", math.inf))
+        # a checkpoint whose best was scored on another metric (or before the metric was recorded: the
+        # loss) does not bound this run's best
+        same = ckpt.get("best_metric", "loss") == self.best_metric
+        self.best = float(ckpt.get("best_val", self.worst_score())) if same else self.worst_score()
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         for key in self.extra_state:
@@ -367,7 +380,7 @@ class Trainer:
                             bar.write(f"step {self.global_step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items())
                                       + "".join(f", {k} {v}" for k, v in self.extra_state.items()))
                         value = metrics.get(self.best_metric)
-                        is_best = value is not None and value < self.best
+                        is_best = self.improves(value)
                         if is_best:
                             self.best = value
                         self.save(best=is_best)

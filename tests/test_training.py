@@ -135,6 +135,44 @@ def test_keeps_last_n_and_best(data, tmp_path):
     assert not glob.glob(str(tmp_path / "*.tmp*"))
 
 
+def test_expert_best_checkpoint_by_validation_auc(data, tmp_path, monkeypatch):
+    """syncnet_best_metric=auc: every evaluation reports the ROC AUC of its pairs, and checkpoint_best.pth
+    is the step with the highest one (not the lowest loss); a resumed run keeps that best, and one
+    resumed from a loss-selected checkpoint does not compare AUCs with its loss."""
+    from lipsync import trainers
+
+    scripted = iter([0.6, 0.9, 0.7, 0.95, 0.5])            # AUCs of the evaluations at steps 2, 4, 6, ...
+    real = trainers.ExpertTrainer.evaluate
+    seen = {}
+
+    def evaluate(self, writer=None):
+        metrics = real(self, writer)
+        assert 0.0 <= metrics["auc"] <= 1.0 and "loss" in metrics
+        metrics["auc"] = next(scripted)
+        seen[self.global_step] = metrics["auc"]
+        return metrics
+
+    monkeypatch.setattr(trainers.ExpertTrainer, "evaluate", evaluate)
+    extra = FAST + ",syncnet_best_metric=auc,keep_last_checkpoints=10"
+    assert color_syncnet_train.main(common(data, tmp_path, 4, extra)) == 0
+    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)
+    assert seen == {2: 0.6, 4: 0.9} and best["global_step"] == 4
+    assert best["best_metric"] == "auc" and best["best_val"] == pytest.approx(0.9)
+    # resumed: 0.7 at step 6 does not beat 0.9, 0.95 at step 8 does
+    assert color_syncnet_train.main(common(data, tmp_path, 8, extra) + ["--checkpoint_path",
+                                    str(tmp_path / "checkpoint_step000000004.pth")]) == 0
+    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)
+    assert best["global_step"] == 8 and best["best_val"] == pytest.approx(0.95)
+    # a checkpoint whose best was a loss (1.5, which read as an AUC no AUC beats): AUC 0.5 is the best
+    ck = torch.load(tmp_path / "checkpoint_step000000008.pth", weights_only=True)
+    ck.update(best_val=1.5, best_metric="loss")
+    torch.save(ck, tmp_path / "loss_selected.pth")
+    assert color_syncnet_train.main(common(data, tmp_path, 10, extra) + ["--checkpoint_path",
+                                    str(tmp_path / "loss_selected.pth")]) == 0
+    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)
+    assert best["global_step"] == 10 and best["best_val"] == pytest.approx(0.5)
+
+
 def test_trained_checkpoint_drives_inference(data, expert, tmp_path):
     import inference
 
