@@ -2,7 +2,8 @@
 
     python color_syncnet_train.py --data_root PREPROCESSED --checkpoint_dir savedmodel
 
-Add --preset tiny|96|288, --hparams "key=value,...", --max_steps N, --device; resume with --checkpoint_path.
+Trains the 288x288 HQ layout unless --preset 96 (the paper's) or --preset tiny (CPU tests) is given.
+Add --hparams "key=value,...", --max_steps N, --device; resume with --checkpoint_path.
 Multi-GPU: torchrun --nproc_per_node N color_syncnet_train.py ...
 """
 import sys

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
     add("--checkpoint_path", required=True, help="generator checkpoint (wav2lip.pth, wav2lip_gan.pth, or one trained "
-                                                 "here)")
+                                                 "here), or a .onnx file from export_onnx.py (run by ONNX Runtime)")
     add("--face", help="video or image with the face (or use --avatar)")
     add("--audio", nargs="+", help="speech: any audio file, or a video whose audio to use; several files give one "
                                    "output each (with --outdir)")

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
     add("--checkpoint_path", required=True, help="generator checkpoint (wav2lip.pth, wav2lip_gan.pth, or one trained "
-                                                 "here)")
+                                                 "here), or a .onnx file from export_onnx.py (run by ONNX Runtime)")
     add("--host", default="127.0.0.1", help="address to listen on; anything but a loopback address needs --token")
     add("--port", type=int, default=8000, help="TCP port")
     add("--avatars_dir", default="avatars", help="where prepared avatars are kept (one folder per avatar id)")
@@ -137,11 +137,12 @@ def _serve(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
     import uvicorn
 
-    from lipsync.generator import Generator
+    from lipsync.onnx_model import open_generator
     from lipsync.server import ServerConfig, ServerState, create_app
     from lipsync.sessions import StreamOptions
 
-    generator = Generator(args.checkpoint_path, device=args.device, precision=args.precision, threads=args.threads)
+    generator = open_generator(args.checkpoint_path, device=args.device, precision=args.precision,
+                               threads=args.threads)
     options = StreamOptions(jpeg_quality=args.jpeg_quality, idle_grace=args.idle_grace,
                             idle_timeout=args.idle_timeout, send_buffer=args.send_buffer)
     config = ServerConfig(avatars_dir=args.avatars_dir, token=args.token, max_sessions=args.max_sessions,

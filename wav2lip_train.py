@@ -2,7 +2,9 @@
 
     python wav2lip_train.py --data_root PREPROCESSED --checkpoint_dir savedmodel --syncnet_checkpoint_path savedmodel/checkpoint_step000000001.pth
 
-Add --preset tiny|96|288, --hparams "key=value,...", --max_steps N, --device; resume with --checkpoint_path.
+Trains the layout of the expert it is given (288x288 for the seed's lines); --preset 96 / 288 / tiny
+must agree with that expert.
+Add --hparams "key=value,...", --max_steps N, --device; resume with --checkpoint_path.
 Multi-GPU: torchrun --nproc_per_node N wav2lip_train.py ...
 """
 import sys

@@ -337,15 +337,20 @@ class Generator:
         (the published ``(pred * 255).astype(uint8)``); a uint8 tensor on the device with
         ``as_tensor``."""
         with torch.inference_mode():
-            x = self.model.audio_encoder(self.mel_tensor(mels))
-            skips = list(feats)
-            for block in self.model.face_decoder_blocks:
-                x = block(x)
-                x = torch.cat((x, skips.pop()), dim=1)
-            x = self.model.output_block(x)  # (B, 3, S, S) in [0, 1]
+            x = self.decoder_output(mels, feats)  # (B, 3, S, S) in [0, 1]
             if as_tensor:
                 return (x.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1)  # truncates, as astype does
             return (x.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
+
+    def decoder_output(self, mels: np.ndarray, feats: FaceFeatures) -> torch.Tensor:
+        """(B, 80, 16) mel windows + face features -> (B, 3, S, S) faces in [0, 1], in the generator's
+        precision (the network after the face encoder; lipsync.onnx_model runs it in ONNX Runtime)."""
+        x = self.model.audio_encoder(self.mel_tensor(mels))
+        skips = list(feats)
+        for block in self.model.face_decoder_blocks:
+            x = block(x)
+            x = torch.cat((x, skips.pop()), dim=1)
+        return self.model.output_block(x)
 
     # ---- batched calls with the tuned micro-batch ---------------------------------------------------
     def generate(self, mels: np.ndarray, faces, keys: Optional[Sequence] = None, as_tensor: bool = False):

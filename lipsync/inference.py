@@ -195,8 +195,10 @@ def load_generator(cfg: InferenceConfig) -> Generator:
     precision = "fp16" if cfg.half and cfg.precision == "auto" else cfg.precision
     if precision == "auto" and cfg.parity:
         precision = "fp32"
-    return Generator(cfg.checkpoint_path, device=resolve_device(cfg.device), precision=precision,
-                     threads=cfg.threads, face_cache_mb=cfg.face_cache_mb)
+    from lipsync.onnx_model import open_generator
+
+    return open_generator(cfg.checkpoint_path, device=resolve_device(cfg.device), precision=precision,
+                          threads=cfg.threads, face_cache_mb=cfg.face_cache_mb)
 
 
 def get_avatar(cfg: InferenceConfig, generator: Generator, timings: Timings) -> Avatar:

@@ -28,6 +28,7 @@ def lower_half_stack(g: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------
 class ExpertTrainer(Trainer):
+    script = "color_syncnet_train.py"
     prefix = ""
     dataset_cls = SyncDataset
     batch_size_key = "syncnet_batch_size"
@@ -82,6 +83,7 @@ class ExpertTrainer(Trainer):
 
 # ------------------------------------------------------------------------------------------------
 class GeneratorTrainer(Trainer):
+    script = "wav2lip_train.py"
     prefix = "wav2lip_"
     dataset_cls = GeneratorDataset
     adam_betas = (0.9, 0.999)
@@ -164,6 +166,8 @@ class GeneratorTrainer(Trainer):
 class GANTrainer(GeneratorTrainer):
     """+ the visual-quality discriminator, trained with BCE on real vs. generated lower halves."""
 
+    script = "hq_wav2lip_train.py"
+
     adam_betas = (0.5, 0.999)
 
     def setup(self):
@@ -226,6 +230,8 @@ class GANTrainer(GeneratorTrainer):
 
 class WGANTrainer(GANTrainer):
     """+ a Wasserstein critic (the discriminator's pre-sigmoid score) with gradient penalty."""
+
+    script = "wloss_hq_wav2lip_train.py"
 
     def adversarial_loss(self, g):
         return -unwrap(self.disc).logits(g).mean()

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
 
-from hparams import HParams, add_hparams_args, hparams_from_args
+from hparams import (PRESETS, TRAINING_DEFAULT_PRESET, HParams, HParamsError, add_hparams_args, get_hparams,
+                     preset_for_layout)
 from lipsync.cli import DEVICE_HELP, HelpFormatter
 from lipsync.device import DEVICE_CHOICES, resolve_device
 
@@ -44,7 +45,11 @@ def build_parser(description: str, needs_expert: bool, needs_disc: bool) -> argp
     if needs_disc:
         p.add_argument("--disc_checkpoint_path", default=None, help="resume the discriminator from this")
     p.add_argument("--filelists_dir", default="filelists", help="folder with train.txt / val.txt")
-    add_hparams_args(p)
+    add_hparams_args(p, default_preset=None, preset_help=(
+        f"hyperparameter preset: 288 (the HQ layout), 96 (the paper's) or tiny (CPU tests). Default: the "
+        f"preset of the run --checkpoint_path resumes"
+        + (", else the layout of the --syncnet_checkpoint_path expert" if needs_expert else "")
+        + f", else {TRAINING_DEFAULT_PRESET}, as the seed notebook's command lines train"))
     p.add_argument("--max_steps", type=int, default=None, help="stop at this global step (and save)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -185,6 +190,7 @@ class Trainer:
     """Subclasses set ``prefix``, build models in ``setup`` and implement ``train_step``/``eval_step``."""
 
     prefix = ""               # checkpoint file prefix
+    script = ""               # the training script that runs this trainer (named in its first line)
     dataset_cls = None        # lipsync.data.*Dataset
     batch_size_key = "batch_size"
     lr_key = "initial_learning_rate"
@@ -249,7 +255,7 @@ class Trainer:
 
     def state(self) -> dict:
         return {"global_step": self.global_step, "global_epoch": self.global_epoch, "epoch_step": self.epoch_step,
-                "best_val": self.best, "best_metric": self.best_metric,
+                "best_val": self.best, "best_metric": self.best_metric, "preset": self.args.preset,
                 "hparams": self.hp.to_dict(), "scaler": self.scaler.state_dict(), **self.extra_state}
 
     def restore_counters(self, ckpt: dict):
@@ -428,16 +434,75 @@ def seed_everything(seed: int, rank: int = 0):
     torch.manual_seed(seed + rank)
 
 
+def recorded_preset(ckpt: dict, img_size: int, width: float) -> str:
+    """The preset a training checkpoint was made with: the one it records (every checkpoint written
+    since the layout became the training default does), else the one its weights' layout implies."""
+    saved = ckpt.get("preset")
+    return saved if saved in PRESETS else preset_for_layout(img_size, width)
+
+
+def choose_preset(args, needs_expert: bool) -> Tuple[str, str]:
+    """(preset, where it came from) for a training run: ``--preset``; else the run ``--checkpoint_path``
+    resumes; else (generator trainers) the expert's layout; else :data:`TRAINING_DEFAULT_PRESET`.
+
+    A generator trainer also checks that the generator it would train has the expert's face size: a
+    96x96 expert cannot judge 288x288 faces (or the other way round), so that mix is a
+    :class:`~models.checkpoint.CheckpointError` naming both."""
+    from models.checkpoint import read_layout
+
+    expert = None
+    if needs_expert:
+        ckpt, _, size, width = read_layout(args.syncnet_checkpoint_path, "expert")
+        expert = (size, recorded_preset(ckpt, size, width))
+    if args.preset:
+        preset, source = args.preset, "--preset"
+    elif args.checkpoint_path:
+        ckpt, _, size, width = read_layout(args.checkpoint_path, "expert" if not needs_expert else "generator")
+        preset, source = recorded_preset(ckpt, size, width), f"the checkpoint it resumes, {args.checkpoint_path}"
+    elif expert is not None:
+        preset, source = expert[1], f"the expert {args.syncnet_checkpoint_path}"
+    else:
+        preset, source = TRAINING_DEFAULT_PRESET, "the default"
+    if expert is not None:
+        img_size = get_hparams(preset, args.hparams).img_size
+        if img_size != expert[0]:
+            from models.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the expert {args.syncnet_checkpoint_path} is a {expert[0]}x{expert[0]} model (preset {expert[1]}), "
+                f"but preset {preset} (from {source}) trains a {img_size}x{img_size} generator: pass "
+                f"--preset {expert[1]}, or an expert trained with --preset {preset}")
+    return preset, source
+
+
+def layout_banner(script: str, preset: str, source: str, hp: HParams) -> str:
+    """The first line a training script prints: the layout it trains, why, and how to pick another."""
+    s = hp.img_size
+    other = ("--preset 96 trains the paper's 96x96 layout" if s == 288 else
+             "--preset 288 trains the 288x288 HQ layout (the default)")
+    if source.startswith("the expert"):
+        other += " (with an expert of that layout)"
+    return (f"{script}: training the {s}x{s} layout (preset {preset}, width {hp.model_width:g}; from {source}); "
+            f"{other}, --preset tiny a small 96x96 one for CPUs")
+
+
 def main_for(trainer_cls, description: str, argv=None, needs_expert=False, needs_disc=False) -> int:
     """The whole ``main()`` of a training script."""
     parser = build_parser(description, needs_expert, needs_disc)
     args = parser.parse_args(argv)
-    hp = hparams_from_args(args, parser)
+    try:  # unknown keys and unparsable values are usage errors; tiny takes every audio setting
+        get_hparams(args.preset or "tiny", args.hparams)
+    except HParamsError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from lipsync.errors import run_main
 
     def train() -> int:
+        args.preset, source = choose_preset(args, needs_expert)
+        hp = get_hparams(args.preset, args.hparams)
+        if os.environ.get("RANK", "0") == "0":
+            print(layout_banner(trainer_cls.script, args.preset, source, hp), flush=True)
         env = Dist(args.device)
         try:
             seed_everything(hp.seed, env.rank)

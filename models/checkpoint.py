@@ -148,11 +148,9 @@ def _describe(kind):
         kind, "checkpoint of an unknown model")
 
 
-def load_model(path, kind: str = "generator", device="cpu", img_size: int | None = None) -> LoadedModel:
-    """Build the right model for a checkpoint file and load its weights.
-
-    ``img_size`` (optional) is what the caller needs; a checkpoint of the other layout is refused.
-    """
+def read_layout(path, kind: str) -> tuple[dict, dict, int, float]:
+    """(the file as read, its state dict without wrapper prefixes, img_size, width) of a checkpoint
+    that must hold a model of ``kind``; :class:`CheckpointError` when it holds something else."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}")
     ckpt = read_checkpoint(path)
@@ -165,6 +163,15 @@ def load_model(path, kind: str = "generator", device="cpu", img_size: int | None
     saved = ckpt.get("hparams") if isinstance(ckpt.get("hparams"), dict) else {}
     if "model_width" in saved and abs(float(saved["model_width"]) - width) < 0.01:
         width = float(saved["model_width"])  # exact value when the checkpoint recorded it
+    return ckpt, state, size, width
+
+
+def load_model(path, kind: str = "generator", device="cpu", img_size: int | None = None) -> LoadedModel:
+    """Build the right model for a checkpoint file and load its weights.
+
+    ``img_size`` (optional) is what the caller needs; a checkpoint of the other layout is refused.
+    """
+    ckpt, state, size, width = read_layout(path, kind)
     if img_size is not None and size != img_size:
         raise CheckpointError(f"{os.fspath(path)!r} is a {size}x{size} {kind}, but {img_size}x{img_size} "
                               "was asked for (check --preset / img_size)")

@@ -317,3 +317,30 @@ def test_prune_keeps_the_checkpoint_just_written(tmp_path):
     prune(str(tmp_path), "", 2)
     assert latest_checkpoint(str(tmp_path), "") == step_path(str(tmp_path), "", 800)
     assert len([f for f in os.listdir(tmp_path) if f.startswith("checkpoint_")]) == 2
+
+
+def without_preset(args):
+    i = args.index("--preset")
+    return args[:i] + args[i + 2:]
+
+
+def test_generator_takes_the_experts_layout_and_refuses_another(data, expert, tmp_path, capsys):
+    """No --preset: the generator trainer trains the expert's preset (recorded in both checkpoints)
+    and says so first; an explicit preset of another face size is one error line naming both."""
+    expert_ckpt = str(expert / "checkpoint_step000000001.pth")
+    assert torch.load(expert_ckpt, weights_only=True)["preset"] == "tiny"
+    args = without_preset(common(data, tmp_path, 1)) + ["--syncnet_checkpoint_path", expert_ckpt]
+    capsys.readouterr()
+    assert wav2lip_train.main(args) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("wav2lip_train.py: training the 96x96 layout (preset tiny, width 0.25; from the expert")
+    assert "--preset 288 trains the 288x288 HQ layout" in first
+    ckpt = torch.load(tmp_path / "wav2lip_checkpoint_step000000001.pth", weights_only=True)
+    assert (ckpt["preset"], ckpt["hparams"]["img_size"], ckpt["hparams"]["model_width"]) == ("tiny", 96, 0.25)
+    for script in (wav2lip_train, hq_wav2lip_train):
+        assert script.main(without_preset(common(data, tmp_path / "x", 1)) + [
+            "--preset", "288", "--syncnet_checkpoint_path", expert_ckpt]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: the expert {expert_ckpt} is a 96x96 model (preset tiny), but preset 288 (from "
+                       "--preset) trains a 288x288 generator: pass --preset tiny, or an expert trained with --preset 288"]
+    assert not os.path.exists(tmp_path / "x")
