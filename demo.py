@@ -24,6 +24,7 @@ import numpy as np
 
 FPS = 25.0                     # the synthetic corpus's frame rate
 KNOWN_SHIFTS = range(-6, 7)    # audio shifts (frames) the trained expert must measure exactly on held-out clips
+EXPERT_EVAL_BATCHES = 16       # validation batches of 32 pairs scored at each of the expert's evaluations
 
 
 def build_parser():
@@ -132,26 +133,13 @@ def best_lag(measured, truth, max_lag=5) -> int:
     return best
 
 
-def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve: the probability that a random positive (label 1) scores above a
-    random negative, ties counting half (the Mann-Whitney statistic). Raises ValueError without
-    both classes."""
-    from scipy.stats import rankdata
-
-    scores, labels = np.asarray(scores, float), np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC AUC needs both in-sync and off-sync pairs")
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def expert_scores(ckpt: str, clips: list, hp, n: int = 256, seed: int = 123) -> Dict[str, float]:
     """The expert's accuracy (p > 0.5) and ROC AUC on ``n`` held-out pairs of ``clips`` (half in
     sync, half >= 5 frames off, as the expert's evaluation draws them)."""
     import torch
 
     from lipsync.data import SyncDataset
+    from lipsync.metrics import roc_auc
     from models import cosine_sync_probability, load_model
 
     model = load_model(ckpt, kind="expert").model.eval()
@@ -227,6 +215,14 @@ def main(argv=None) -> int:
     except SpeechError as exc:
         parser.error(str(exc))
     t_start = time.perf_counter()
+    import torch
+
+    from lipsync.generator import cpu_capabilities
+
+    # the trainings' float sums run in the order this CPU's kernels and thread count give: the numbers
+    # below are reproducible on one machine, and spread a little between machines (README: the demo)
+    cpu = f"{cpu_capabilities().line()}; torch threads {torch.get_num_threads()}"
+    log(f"CPU: {cpu}")
     q = ["--quiet"] if args.quiet else []
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -258,18 +254,27 @@ def main(argv=None) -> int:
         raise SystemExit("generate_filelists.py failed")
 
     hp_over = f"seed={args.seed}"
-    # a larger batch and step size than the tiny preset's, decayed to the end of the run, and augmented
-    # windows (the held-out identity is a face the expert has never seen)
+    # a larger batch and step size than the tiny preset's, decayed to the end of the run, augmented
+    # windows (the held-out identity is a face the expert has never seen), and the checkpoint kept that
+    # ranks in-sync above off-sync pairs best on the validation identities (512 pairs every 100 steps):
+    # a tiny expert's held-out score wanders by several points between neighbouring checkpoints, and by
+    # as much between CPUs at the last one
     expert_over = (hp_over + ",syncnet_lr=1e-3,syncnet_batch_size=32,syncnet_eval_interval=100,syncnet_augment=true,"
-                   f"lr_schedule=cosine,lr_decay_steps={args.expert_steps}")
-    log(f"5/7 expert ({args.expert_steps} steps)")
-    expert_ckpt = os.path.join(ck, f"checkpoint_step{args.expert_steps:09d}.pth")
-    if not os.path.exists(expert_ckpt):
+                   f"lr_schedule=cosine,lr_decay_steps={args.expert_steps},eval_steps={EXPERT_EVAL_BATCHES},"
+                   "syncnet_best_metric=auc")
+    log(f"5/7 expert ({args.expert_steps} steps, the checkpoint with the best validation AUC kept)")
+    if not os.path.exists(os.path.join(ck, f"checkpoint_step{args.expert_steps:09d}.pth")):
         rc = color_syncnet_train.main(["--data_root", pre, "--checkpoint_dir", ck, "--filelists_dir", fl,
                                        "--preset", "tiny", "--hparams", expert_over, "--max_steps", str(args.expert_steps),
                                        "--device", args.device] + resume_from(ck, "") + q)
         if rc != 0:
             raise SystemExit("expert training failed")
+    expert_ckpt = os.path.join(ck, "checkpoint_best.pth")
+    selected = torch.load(expert_ckpt, map_location="cpu", weights_only=False)
+    if selected.get("best_metric") != "auc":
+        raise SystemExit(f"{expert_ckpt} was kept for its validation loss by an earlier version of the demo: "
+                         f"run the demo into a new --out folder")
+    log(f"expert: step {selected['global_step']} kept (validation AUC {selected['best_val']:.3f})")
     log(f"6/7 generator ({args.generator_steps} steps, sync loss switched on when the expert agrees)")
     import wav2lip_train
 
@@ -283,7 +288,6 @@ def main(argv=None) -> int:
             raise SystemExit("generator training failed")
 
     log("7/7 inference on a held-out identity with held-out audio, scored against the true video")
-    import torch
 
     from lipsync import synthetic as S
     from lipsync.video import iter_frames, probe_video
@@ -353,8 +357,11 @@ def main(argv=None) -> int:
         "audio": os.path.relpath(speech, out),
         "speech": speech_kind,
         "expert_steps": args.expert_steps,
+        "expert_selected_step": int(selected["global_step"]),
+        "expert_selected_val_auc": round(float(selected["best_val"]), 4),
         "generator_steps": args.generator_steps,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "cpu": cpu,
     }
     picks = np.linspace(0, n - 1, 8).astype(int)
     sheet = contact_sheet({"input": inputs, "generated": generated, "truth": truth_frames}, picks, fps=FPS)
