@@ -181,6 +181,16 @@ def contact_sheet(rows: Dict[str, Sequence[np.ndarray]], picks: Sequence[int], f
     return sheet
 
 
+def expert_hparams(seed: int, steps: int) -> str:
+    """The demo's ``--hparams`` for color_syncnet_train.py (tiny preset): a larger batch and step size
+    than the preset's, decayed to the end of the run; augmented windows (the held-out identity is a
+    face the expert has never seen); and the checkpoint kept that ranks in-sync above off-sync pairs
+    best on the validation identities (``EXPERT_EVAL_BATCHES`` x 32 pairs every 100 steps), since late
+    checkpoints sometimes drift down (docs/demo.md)."""
+    return (f"seed={seed},syncnet_lr=1e-3,syncnet_batch_size=32,syncnet_eval_interval=100,syncnet_augment=true,"
+            f"lr_schedule=cosine,lr_decay_steps={steps},eval_steps={EXPERT_EVAL_BATCHES},syncnet_best_metric=auc")
+
+
 def resume_from(checkpoint_dir: str, prefix: str) -> List[str]:
     """``["--checkpoint_path", newest]`` when an interrupted run left step checkpoints with this
     prefix in ``checkpoint_dir`` (the trainer then continues where it stopped), else ``[]``."""
@@ -254,14 +264,7 @@ def main(argv=None) -> int:
         raise SystemExit("generate_filelists.py failed")
 
     hp_over = f"seed={args.seed}"
-    # a larger batch and step size than the tiny preset's, decayed to the end of the run, augmented
-    # windows (the held-out identity is a face the expert has never seen), and the checkpoint kept that
-    # ranks in-sync above off-sync pairs best on the validation identities (512 pairs every 100 steps):
-    # a tiny expert's held-out score wanders by several points between neighbouring checkpoints, and by
-    # as much between CPUs at the last one
-    expert_over = (hp_over + ",syncnet_lr=1e-3,syncnet_batch_size=32,syncnet_eval_interval=100,syncnet_augment=true,"
-                   f"lr_schedule=cosine,lr_decay_steps={args.expert_steps},eval_steps={EXPERT_EVAL_BATCHES},"
-                   "syncnet_best_metric=auc")
+    expert_over = expert_hparams(args.seed, args.expert_steps)
     log(f"5/7 expert ({args.expert_steps} steps, the checkpoint with the best validation AUC kept)")
     if not os.path.exists(os.path.join(ck, f"checkpoint_step{args.expert_steps:09d}.pth")):
         rc = color_syncnet_train.main(["--data_root", pre, "--checkpoint_dir", ck, "--filelists_dir", fl,
