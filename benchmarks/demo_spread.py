@@ -46,9 +46,11 @@ def run_one(out: str, seed: int, threads: int, extra) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_spread", help="folder of the runs (one subfolder each)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the runs' demo.py --seed values")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="OMP_NUM_THREADS of the runs")
     p.add_argument("--jobs", type=int, default=1, help="demo runs at once")
     p.add_argument("demo_args", nargs="*", help="more demo.py arguments, after --")

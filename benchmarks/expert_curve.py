@@ -26,7 +26,9 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lipsync.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run", help="a demo folder with preprocessed/ and filelists/")
     p.add_argument("out", help="folder for the checkpoints and curve.json")
     p.add_argument("--steps", type=int, default=1200, help="expert training steps (the demo's default)")
