@@ -55,13 +55,14 @@ def apply_shift(clip_dir: str, total_shift: int) -> None:
     """audio.wav (+ mel.npy) = the original audio shifted by ``total_shift`` frames; done.json last."""
     import audio
     from lipsync.dataprep import DONE, read_done, write_audio_and_mel, write_json_atomic
+    from lipsync.fileio import atomic_write
     from lipsync.evaluation import SR, shift_audio
 
     wav_path = os.path.join(clip_dir, "audio.wav")
     orig = os.path.join(clip_dir, ORIGINAL)
     if not os.path.isfile(orig):
-        shutil.copy2(wav_path, orig + ".tmp")
-        os.replace(orig + ".tmp", orig)
+        with atomic_write(orig, ".wav") as tmp:
+            shutil.copy2(wav_path, tmp)
     write_audio_and_mel(shift_audio(audio.load_wav(orig, SR), total_shift), wav_path, os.path.join(clip_dir, "mel.npy"))
     done = read_done(clip_dir)
     done["audio_shift_frames"] = int(total_shift)

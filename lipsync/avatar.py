@@ -17,8 +17,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -30,7 +30,7 @@ from lipsync.errors import Wav2LipError
 from lipsync.frames import FaceSource, FrameTransform, frames_by_index, output_order
 from lipsync.pipeline import Timings
 from lipsync.progress import progress_bar
-from lipsync.video import current_umask
+from lipsync.fileio import current_umask
 
 AVATAR_FORMAT = "wav2lip-avatar"
 AVATAR_VERSION = 2  # 2: avatar.json carries its own checksum ("meta_sha256")

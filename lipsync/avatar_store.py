@@ -183,11 +183,6 @@ class AvatarStore:
                 del self._users[avatar_id]
             self._evict()
 
-    def in_use(self) -> int:
-        """Sessions using an avatar now."""
-        with self._lock:
-            return sum(self._users.values())
-
     def _evict(self) -> None:
         unused = [a for a in self._loaded if not self._users[a]]
         while len(self._loaded) > self.max_loaded and unused:

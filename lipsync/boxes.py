@@ -15,7 +15,9 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+
 import face_detection
+from lipsync.fileio import atomic_write
 from face_detection import DEFAULT_S3FD_PATH, box_iou
 
 Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order
@@ -229,9 +231,8 @@ class DetectionCache:
         os.makedirs(self.directory, exist_ok=True)
         arr = dets_to_array(dets)
         path = os.path.join(self.directory, key + ".npy")
-        tmp = path + f".{os.getpid()}.tmp.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+        with atomic_write(path, ".npy") as tmp:
+            np.save(tmp, arr)
 
 
 def dets_to_array(dets: Sequence[Optional[Sequence[int]]]) -> np.ndarray:

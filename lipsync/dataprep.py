@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from lipsync.errors import Wav2LipError
+from lipsync.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,8 @@ NOT_MEDIA_EXTENSIONS = {".json", ".txt", ".csv", ".tsv", ".md", ".yaml", ".yml",
 # Writing files so that a crash never leaves half of one
 # ------------------------------------------------------------------------------------------------
 def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with atomic_write(path) as tmp, open(tmp, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(obj, path: str, indent: int = 2) -> None:
@@ -65,13 +64,10 @@ def write_audio_and_mel(wav: np.ndarray, wav_path: str, mel_path: str) -> np.nda
     caller records those parameters in done.json (``mel_params``)."""
     import audio
 
-    tmp_wav = f"{wav_path}.tmp{os.getpid()}.wav"
-    audio.save_wav(wav, tmp_wav, audio.SAMPLE_RATE)
-    mel = audio.melspectrogram(audio.load_wav(tmp_wav, audio.SAMPLE_RATE))
-    tmp_mel = f"{mel_path}.tmp{os.getpid()}.npy"
-    np.save(tmp_mel, mel)
-    os.replace(tmp_wav, wav_path)
-    os.replace(tmp_mel, mel_path)
+    with atomic_write(wav_path, ".wav") as tmp_wav, atomic_write(mel_path, ".npy") as tmp_mel:
+        audio.save_wav(wav, tmp_wav, audio.SAMPLE_RATE)
+        mel = audio.melspectrogram(audio.load_wav(tmp_wav, audio.SAMPLE_RATE))
+        np.save(tmp_mel, mel)
     return mel
 
 
@@ -187,11 +183,6 @@ def scan_raw_corpus(data_root: str) -> CorpusScan:
             else:
                 clip.raw = path
     return CorpusScan(list(clips.values()), not_clips)
-
-
-def list_raw_clips(data_root: str) -> List[RawClip]:
-    """The clips of :func:`scan_raw_corpus`."""
-    return scan_raw_corpus(data_root).clips
 
 
 def report_not_clips(scan: CorpusScan, stream=None, limit: int = 10) -> str:

@@ -1,26 +1,17 @@
 """The project's one family of errors, and how entry points report them.
 
 Every error a user can cause (a missing or unreadable file, a video that is not a video, a checkpoint
-of the wrong kind, a flag value that cannot work) is a :class:`Wav2LipError`. Entry points wrap their
-work in :func:`cli_errors`: such an error, or an ``OSError`` about a file, becomes one ``error: ...``
+of the wrong kind, a flag value that cannot work) is a :class:`Wav2LipError`. Entry points run their
+work through :func:`run_main`: such an error, or an ``OSError`` about a file, becomes one ``error: ...``
 line on stderr and exit status 2. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 
 class Wav2LipError(Exception):
     """Base class of every error caused by input (files, flags, checkpoints, media)."""
-
-
-class ExitStatus(Exception):
-    """Raised by :func:`cli_errors` after printing, carrying the exit status (2)."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
 
 
 def error_line(exc: BaseException) -> str:
@@ -63,14 +54,3 @@ def run_main(fn, *args, **kwargs) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def cli_errors():
-    """``with cli_errors(): ...`` turns a user error into one ``error:`` line and
-    :class:`ExitStatus` (2); callers return ``exc.code``."""
-    try:
-        yield
-    except (Wav2LipError, OSError) as exc:
-        print(error_line(exc), file=sys.stderr)
-        raise ExitStatus(2) from None

@@ -11,6 +11,7 @@ Frames are (H, W, 3) uint8 BGR; boxes are (y1, y2, x1, x2) pixels; faces (S, S, 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -51,7 +52,7 @@ class TorchComposer:
     def upload(self, frames: Sequence[np.ndarray]) -> List[torch.Tensor]:
         """Host frames -> (3, H, W) float32 tensors on the device (via pinned memory on CUDA)."""
         out = []
-        stream = torch.cuda.stream(self.copy_stream) if self.cuda else _nullcontext()
+        stream = torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
         with stream:
             for f in frames:
                 t = torch.from_numpy(np.ascontiguousarray(f))
@@ -120,10 +121,3 @@ class TorchComposer:
         m = resize(self.mask[None], h, w)                                               # (1, h, w)
         frame[:, y1:y2, x1:x2] = m * gen + (1 - m) * region
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

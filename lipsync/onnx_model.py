@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lipsync.errors import Wav2LipError
+from lipsync.fileio import atomic_write
 from lipsync.generator import CPU_MICRO_BATCHES, CpuTuner, FaceFeatures, Generator, PrecisionError
 
 OPSET = 17  # ONNX Runtime >= 1.14, TensorRT >= 8.6 and OpenVINO >= 2023.0 run it
@@ -74,8 +75,7 @@ def export(checkpoint_path: str, out_path: str, kind: str = "auto", opset: int =
     inputs, outputs = IO_NAMES[kind]
     example = tuple(torch.from_numpy(x) for x in example_inputs(kind, loaded.img_size, batch=1))
     axes = {name: {0: "batch"} for name in inputs + outputs}
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    try:
+    with atomic_write(out_path, ".onnx") as tmp:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # torch announces that the TorchScript exporter will go; it is the one that needs no onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -87,10 +87,6 @@ def export(checkpoint_path: str, out_path: str, kind: str = "auto", opset: int =
             proto.metadata_props.add(key=key, value=str(value))
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return info
 
 

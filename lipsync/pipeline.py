@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
@@ -133,7 +133,6 @@ class Timings:
     blend: float = 0.0
     encode: float = 0.0
     total: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def add(self, phase: str, seconds: float) -> None:
         setattr(self, phase, getattr(self, phase) + seconds)
@@ -147,6 +146,4 @@ class Timings:
             self.add(phase, time.perf_counter() - t0)
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("decode", "detect", "crop", "generate", "blend", "encode", "total")}
-        d.update(self.extra)
-        return d
+        return {k: getattr(self, k) for k in ("decode", "detect", "crop", "generate", "blend", "encode", "total")}

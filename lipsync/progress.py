@@ -89,9 +89,6 @@ class LineProgress:
         items = dict(ordered_dict or {}, **kwargs)
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
-    def set_description(self, desc: Optional[str] = None, refresh: bool = True) -> None:
-        self.desc = desc or self.desc
-
     def write(self, line: str) -> None:
         """Print a message line (tqdm's ``bar.write``)."""
         print(line, file=self.file, flush=True)

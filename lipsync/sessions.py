@@ -153,9 +153,6 @@ class Outbox:
             self.frames -= 1
         return item
 
-    def pending_frames(self) -> int:
-        return self.frames
-
 
 class IdleFrames:
     """What an idle session shows: the avatar's own source frames (no generation), JPEG-encoded once

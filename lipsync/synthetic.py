@@ -30,6 +30,7 @@ import numpy as np
 
 from hparams import SAMPLE_RATE as SR
 from lipsync.errors import Wav2LipError
+from lipsync.fileio import atomic_write
 
 FPS = 25.0
 FRAME_SIZE = 256
@@ -368,10 +369,8 @@ def write_clip(path: str, ident: Identity, wav: np.ndarray, fps: float = FPS, ex
         "face_boxes": [list(renderer.face_box(k)) for k in range(n)], **(extra or {}),
     }
     truth_path = os.path.splitext(path)[0] + ".json"
-    tmp_truth = truth_path + ".tmp"
-    with open(tmp_truth, "w") as fh:
+    with atomic_write(truth_path) as tmp, open(tmp, "w") as fh:
         json.dump(truth, fh)
-    os.replace(tmp_truth, truth_path)
     return truth
 
 

@@ -28,6 +28,7 @@ from hparams import (PRESETS, TRAINING_DEFAULT_PRESET, HParams, HParamsError, ad
                      preset_for_layout)
 from lipsync.cli import DEVICE_HELP, HelpFormatter
 from lipsync.device import DEVICE_CHOICES, resolve_device
+from lipsync.fileio import atomic_write
 
 log = logging.getLogger("train")
 
@@ -46,8 +47,8 @@ def build_parser(description: str, needs_expert: bool, needs_disc: bool) -> argp
         p.add_argument("--disc_checkpoint_path", default=None, help="resume the discriminator from this")
     p.add_argument("--filelists_dir", default="filelists", help="folder with train.txt / val.txt")
     add_hparams_args(p, default_preset=None, preset_help=(
-        f"hyperparameter preset: 288 (the HQ layout), 96 (the paper's) or tiny (CPU tests). Default: the "
-        f"preset of the run --checkpoint_path resumes"
+        "hyperparameter preset: 288 (the HQ layout), 96 (the paper's) or tiny (CPU tests). Default: the "
+        "preset of the run --checkpoint_path resumes"
         + (", else the layout of the --syncnet_checkpoint_path expert" if needs_expert else "")
         + f", else {TRAINING_DEFAULT_PRESET}, as the seed notebook's command lines train"))
     p.add_argument("--max_steps", type=int, default=None, help="stop at this global step (and save)")
@@ -132,9 +133,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 def save_atomic(obj: dict, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save ``obj`` to ``path`` through a temporary file (:func:`lipsync.fileio.atomic_write`)."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def step_path(checkpoint_dir: str, prefix: str, step: int) -> str:

@@ -9,10 +9,8 @@ for that file, so the sound of a written video is the sound its frames were made
 """
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
-import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from lipsync.fileio import atomic_write, finish_partial, partial_path
 from lipsync.media import (MediaError, MediaInfo, Rate, audio_input_args, ffmpeg_command, ffmpeg_exe,  # noqa: F401
                            ffmpeg_path, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
                            video_timeline_filters)
@@ -188,21 +187,6 @@ def count_frames(info: VideoInfo, fps: Optional[Rate] = None) -> int:
     return sum(1 for _ in iter_frames(info, fps))
 
 
-def current_umask() -> int:
-    """The process's file-mode creation mask (e.g. 0o022): what new files' permissions leave out."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _partial_path(path: str) -> str:
-    """A hidden temporary file beside ``path`` (same file system, so the final rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial.mp4",
-                               dir=os.path.dirname(path))
-    os.close(fd)
-    return tmp
-
-
 def _aac_from(audio_path: str):
     """(input args, output args) muxing ``audio_path``'s audio, on its timeline, as 192 kb/s AAC of
     an output whose first input (0) is the video; raises :class:`VideoError` without audio."""
@@ -241,7 +225,7 @@ class VideoWriter:
             a_in, a_out = _aac_from(audio_path)
             args += a_in
             out += a_out
-        self.tmp_path = _partial_path(self.path)
+        self.tmp_path = partial_path(self.path, ".mp4")
         if codec == "h264_nvenc":
             out += ["-c:v", codec, "-preset", "p4", "-rc", "vbr", "-cq", str(crf)]
         else:
@@ -281,8 +265,7 @@ class VideoWriter:
             reason = self.drain.last() or ("no frames were written" if self.frames == 0 else f"exit {rc}")
             raise VideoError(f"ffmpeg failed to write {self.path!r}: {reason}")
         try:
-            os.chmod(self.tmp_path, 0o666 & ~current_umask())  # mkstemp made it private
-            os.replace(self.tmp_path, self.path)
+            finish_partial(self.tmp_path, self.path)
         except OSError as exc:
             self._remove_tmp()
             raise VideoError(f"cannot write {self.path!r}: {exc.strerror or exc}") from None
@@ -330,12 +313,9 @@ def mux_audio(video_path: str, audio_src: Optional[str], out_path: str) -> None:
         a_in, a_out = _aac_from(audio_src)
         args += a_in
         out += a_out
-    tmp = _partial_path(out_path)
-    cmd = ffmpeg_command("-y", *args, *out, "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(tmp))
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
-    if proc.returncode != 0:
-        os.remove(tmp)
-        raise VideoError(f"ffmpeg could not mux {video_path!r}: {stderr_reason(proc.stderr, str(proc.returncode))}")
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, out_path)
+    with atomic_write(out_path, ".mp4") as tmp:
+        cmd = ffmpeg_command("-y", *args, *out, "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(tmp))
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+        if proc.returncode != 0:
+            raise VideoError(f"ffmpeg could not mux {video_path!r}: {stderr_reason(proc.stderr, str(proc.returncode))}")
 

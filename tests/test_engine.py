@@ -230,7 +230,7 @@ def test_an_interrupted_save_keeps_the_avatar_it_would_replace(env, avatar_dir, 
     after = load_avatar(folder, 96)
     assert np.array_equal(np.asarray(after.crops), np.asarray(before.crops))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
-    from lipsync.video import current_umask
+    from lipsync.fileio import current_umask
 
     assert os.stat(folder).st_mode & 0o777 == 0o777 & ~current_umask()  # readable as the umask says, not 0700
 
