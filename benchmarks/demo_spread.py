@@ -66,11 +66,10 @@ def main(argv=None) -> int:
         runs = list(pool.map(lambda st: run_one(os.path.abspath(args.out), st[0], st[1], args.demo_args), pairs))
     keys = [t.key for t in demo.TARGETS]
     print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f} s")
-    print("seed threads exit wall_s expert_step " + " ".join(keys))
+    print("seed threads exit wall_s " + " ".join(keys))
     for r in runs:
         print(f"{r['seed']:4d} {r['threads']:7d} {r['exit_status']:4d} {r['wall_seconds']:6.0f} "
-              f"{r.get('expert_selected_step', '-'):>11} " + " ".join(f"{r[k]:.3f}" if isinstance(r[k], float)
-                                                                    else str(r[k]) for k in keys))
+              + " ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
     print("target: min / median / max, runs that met it")
     for t in demo.TARGETS:
         values = np.array([r[t.key] for r in runs], float)
