@@ -316,23 +316,31 @@ def test_cuda_device_without_cuda_is_a_clear_error(env, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+def moving_face_frame(k, cut=40):
+    """Frame ``k`` (384x384 BGR) of :func:`moving_face_clip`, before encoding."""
+    from media import astronaut
+
+    frame = np.full((384, 384, 3), 70, np.uint8)
+    x, y = (10 + k, 10) if k < cut else (120, 120)
+    frame[y:y + 256, x:x + 256] = astronaut((256, 256))
+    return frame
+
+
 def moving_face_clip(path, n=60, cut=40):
     """384x384 clip: the photograph glides right by 1 px/frame, then jumps (a cut) at frame ``cut``."""
-    from media import astronaut
     from lipsync.video import VideoWriter
 
-    face = astronaut((256, 256))
     with VideoWriter(str(path), 384, 384, 25) as w:
         for k in range(n):
-            frame = np.full((384, 384, 3), 70, np.uint8)
-            x = 10 + k if k < cut else 120
-            y = 10 if k < cut else 120
-            frame[y:y + 256, x:x + 256] = face
-            w.write(frame)
+            w.write(moving_face_frame(k, cut))
     return str(path)
 
 
 def test_sparse_detection_follows_every_frame_detection(tmp_path):
+    """Every 5th frame detected, the rest interpolated, is as close to the face's true place as
+    detecting every frame. The truth is the box found on the unencoded first frame, moved as the
+    photograph moves; the detector (lbp) is not perfect, so sparse is judged against what dense
+    achieves on the same decoded frames (their pixels depend on the ffmpeg build)."""
     from face_detection import box_iou
     from lipsync.frames import FaceSource
 
@@ -346,11 +354,16 @@ def test_sparse_detection_follows_every_frame_detection(tmp_path):
         finder.detector.detect = lambda fr, real=real, name=name: (calls.__setitem__(name, calls[name] + len(fr)),
                                                                    real(fr))[1]
         results[name] = finder.run(iter(frames))
+    x1, y1, x2, y2 = FaceFinder(DetectionSettings(detector="lbp"), "cpu").run(iter([moving_face_frame(0)]))[0]
+    truth = [(x1 + k, y1, x2 + k, y2) if k < 40 else (x1 + 110, y1 + 110, x2 + 110, y2 + 110) for k in range(60)]
     dense, sparse = results["dense"], results["sparse"]
     assert len(dense) == len(sparse) == 60 and all(d is not None for d in dense)
-    ious = [box_iou(a, b) for a, b in zip(dense, sparse)]
-    assert np.mean(ious) > 0.9 and min(ious) > 0.75, ious
-    assert min(ious[40:]) > 0.75  # after the cut the boxes are at the new place
+    iou = {name: [box_iou(a, b) for a, b in zip(results[name], truth)] for name in results}
+    missed = {name: sum(v < 0.5 for v in iou[name]) for name in iou}
+    assert np.mean(iou["dense"]) > 0.85 and missed["dense"] <= 4, iou["dense"]  # the detector itself
+    assert np.mean(iou["sparse"]) > np.mean(iou["dense"]) - 0.03, iou
+    assert missed["sparse"] <= missed["dense"], iou
+    assert min(iou["sparse"][40:]) > 0.75  # after the cut the boxes are at the new place
     assert calls["sparse"] < 0.5 * calls["dense"]
 
 
