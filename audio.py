@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy import signal
 
-from lipsync import media
-from lipsync.media import MediaError
+from lipsync.media import ffmpeg as media
+from lipsync.media.ffmpeg import MediaError
 
 from hparams import (AUDIO_KEYS, FMAX, FMIN, HOP_SIZE, MAX_ABS_VALUE, MEL_STEP_SIZE, MIN_LEVEL_DB, N_FFT, NUM_MELS,  # noqa: F401
                      PREEMPHASIS, REF_LEVEL_DB, SAMPLE_RATE, WIN_SIZE, HParams, hparams as default_hparams)
@@ -29,7 +29,7 @@ class AudioError(MediaError):
     """An audio input that cannot be read or used."""
 
 
-# ffmpeg discovery lives in lipsync.media (WAV2LIP_FFMPEG, --ffmpeg, feature detection); kept
+# ffmpeg discovery lives in lipsync.media.ffmpeg (WAV2LIP_FFMPEG, --ffmpeg, feature detection); kept
 # importable from here for callers that only need the binary.
 ffmpeg_exe = media.ffmpeg_exe
 
@@ -59,7 +59,7 @@ def _read_soundfile(path: str) -> Optional[Tuple[np.ndarray, int]]:
 
 def _decode_with_ffmpeg(path: str, sr: int) -> np.ndarray:
     """(samples,) float32 mono at ``sr`` Hz: the file's first audio stream on the file's timeline
-    (:func:`lipsync.media.audio_timeline_filters`)."""
+    (:func:`lipsync.media.ffmpeg.audio_timeline_filters`)."""
     try:
         a_in, a_out, _, _ = media.audio_input_args(path, 0)
     except media.MediaError as exc:
@@ -164,7 +164,7 @@ def melspectrogram(wav: np.ndarray, hp: HParams = default_hparams) -> np.ndarray
 
 def mel_of_stft(D: np.ndarray, hp: HParams = default_hparams) -> np.ndarray:
     """(num_mels, T) float32 normalised mel spectrogram of a (n_fft // 2 + 1, T) STFT (the second
-    half of :func:`melspectrogram`; the streaming mel of :mod:`lipsync.streaming` shares it)."""
+    half of :func:`melspectrogram`; the streaming mel of :mod:`lipsync.render.streaming` shares it)."""
     mel = np.dot(_mel_basis(hp.sample_rate, hp.n_fft, hp.num_mels, hp.fmin, hp.fmax), np.abs(D))
     S = _amp_to_db(mel, hp) - hp.ref_level_db
     if hp.signal_normalization:

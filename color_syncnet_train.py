@@ -8,8 +8,8 @@ Multi-GPU: torchrun --nproc_per_node N color_syncnet_train.py ...
 """
 import sys
 
-from lipsync.training import main_for
-from lipsync.trainers import ExpertTrainer
+from lipsync.train.training import main_for
+from lipsync.train.trainers import ExpertTrainer
 
 
 def main(argv=None) -> int:

@@ -28,9 +28,9 @@ EXPERT_EVAL_BATCHES = 16       # validation batches of 32 pairs scored at each o
 
 
 def build_parser():
-    from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
-    from lipsync.device import DEVICE_CHOICES
-    from lipsync.synthetic import SPEECH_CHOICES, SPEECH_HELP
+    from lipsync.core.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+    from lipsync.core.device import DEVICE_CHOICES
+    from lipsync.train.synthetic import SPEECH_CHOICES, SPEECH_HELP
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (a rerun reuses trained checkpoints found there)")
@@ -138,8 +138,8 @@ def expert_scores(ckpt: str, clips: list, hp, n: int = 256, seed: int = 123) -> 
     sync, half >= 5 frames off, as the expert's evaluation draws them)."""
     import torch
 
-    from lipsync.data import SyncDataset
-    from lipsync.metrics import roc_auc
+    from lipsync.train.data import SyncDataset
+    from lipsync.eval.metrics import roc_auc
     from models import cosine_sync_probability, load_model
 
     model = load_model(ckpt, kind="expert").model.eval()
@@ -194,7 +194,7 @@ def expert_hparams(seed: int, steps: int) -> str:
 def resume_from(checkpoint_dir: str, prefix: str) -> List[str]:
     """``["--checkpoint_path", newest]`` when an interrupted run left step checkpoints with this
     prefix in ``checkpoint_dir`` (the trainer then continues where it stopped), else ``[]``."""
-    from lipsync.training import latest_checkpoint
+    from lipsync.train.training import latest_checkpoint
 
     latest = latest_checkpoint(checkpoint_dir, prefix) if os.path.isdir(checkpoint_dir) else None
     return ["--checkpoint_path", latest] if latest else []
@@ -218,7 +218,7 @@ def inference_argv(gen_ckpt: str, face_clip: str, speech: str, result: str, devi
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lipsync.synthetic import SpeechError, speech_source
+    from lipsync.train.synthetic import SpeechError, speech_source
 
     try:
         speech_kind = speech_source(args.speech)   # "synthesiser" or "espeak-ng"
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     import torch
 
-    from lipsync.generator import cpu_capabilities
+    from lipsync.render.generator import cpu_capabilities
 
     # the trainings' float sums run in the order this CPU's kernels and thread count give: the numbers
     # below are reproducible on one machine, and spread a little between machines (README: the demo)
@@ -287,8 +287,8 @@ def main(argv=None) -> int:
 
     log("7/7 inference on a held-out identity with held-out audio, scored against the true video")
 
-    from lipsync import synthetic as S
-    from lipsync.video import iter_frames, probe_video
+    from lipsync.train import synthetic as S
+    from lipsync.media.video import iter_frames, probe_video
 
     test = [line.strip() for line in open(os.path.join(fl, "test.txt")) if line.strip()]
     face_clip = os.path.join(raw, test[0] + ".mp4")
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     truth_measured = [S.measure_opening(truth_frames[k], ident, k, renderer) for k in range(n)]
 
     # LSE-D / LSE-C of the result with the demo's expert, and of the same video with its audio 5 frames late
-    from lipsync.evaluation import ExpertScorer, measure_known_shifts, read_video_for_scoring, shift_audio, sync_score
+    from lipsync.eval.evaluation import ExpertScorer, measure_known_shifts, read_video_for_scoring, shift_audio, sync_score
 
     scorer = ExpertScorer(expert_ckpt)
     scored = read_video_for_scoring(result, "lbp", expert=scorer)

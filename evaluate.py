@@ -27,8 +27,8 @@ import time
 
 
 def build_parser():
-    from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
-    from lipsync.media import add_ffmpeg_arg
+    from lipsync.core.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+    from lipsync.media.ffmpeg import add_ffmpeg_arg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -65,17 +65,17 @@ def main(argv=None) -> int:
         parser.error("give --checkpoint_path (this project's expert), --syncnet_model (syncnet_v2.model), or both")
     if args.vshift < 1:
         parser.error("--vshift must be >= 1")
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(evaluate, args)
 
 
 def evaluate(args) -> int:
-    from lipsync.device import resolve_device
-    from lipsync.errors import Wav2LipError
-    from lipsync.evaluation import (EvaluationError, ExpertScorer, SyncNetV2Scorer, compare_videos,
+    from lipsync.core.device import resolve_device
+    from lipsync.core.errors import Wav2LipError
+    from lipsync.eval.evaluation import (EvaluationError, ExpertScorer, SyncNetV2Scorer, compare_videos,
                                     read_video_for_scoring, sync_score)
-    from lipsync.media import use_ffmpeg
+    from lipsync.media.ffmpeg import use_ffmpeg
     from face_detection import get_detector
 
     use_ffmpeg(args.ffmpeg)

@@ -15,8 +15,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lipsync.cli import HelpFormatter
-    from lipsync.onnx_model import FP32_TOLERANCE, OPSET
+    from lipsync.core.cli import HelpFormatter
+    from lipsync.render.onnx_model import FP32_TOLERANCE, OPSET
 
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--checkpoint_path", required=True, help="generator or expert checkpoint (.pth)")
@@ -31,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     def run() -> int:
-        from lipsync.onnx_model import example_inputs, export, max_abs_difference
+        from lipsync.render.onnx_model import example_inputs, export, max_abs_difference
 
         info = export(args.checkpoint_path, args.out, kind=args.kind, opset=args.opset)
         diff = max_abs_difference(args.out, args.checkpoint_path, example_inputs(info["kind"], info["img_size"], batch=3))

@@ -13,7 +13,7 @@ import sys
 
 
 def build_parser():
-    from lipsync.cli import HelpFormatter
+    from lipsync.core.cli import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="preprocessed root")
@@ -27,13 +27,13 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(write_filelists, args)
 
 
 def write_filelists(args) -> int:
-    from lipsync.dataprep import DataPrepError, list_preprocessed, split_by_group, write_text_atomic
+    from lipsync.train.dataprep import DataPrepError, list_preprocessed, split_by_group, write_text_atomic
 
     found = list_preprocessed(args.data_root)
     # the training dataset needs more than 3 windows' worth of face frames in a clip

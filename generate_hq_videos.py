@@ -14,8 +14,8 @@ import sys
 
 
 def build_parser():
-    from lipsync.cli import HelpFormatter, QUIET_HELP
-    from lipsync.media import add_ffmpeg_arg
+    from lipsync.core.cli import HelpFormatter, QUIET_HELP
+    from lipsync.media.ffmpeg import add_ffmpeg_arg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True,
@@ -38,16 +38,16 @@ def main(argv=None) -> int:
         parser.error("--enhancer codeformer needs --codeformer_dir (a CodeFormer checkout)")
     if args.codeformer_dir and not os.path.isfile(os.path.join(args.codeformer_dir, "inference_codeformer.py")):
         parser.error(f"--codeformer_dir {args.codeformer_dir!r} has no inference_codeformer.py")
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(enhance, args)
 
 
 def enhance(args) -> int:
-    from lipsync.progress import progress_bar
+    from lipsync.core.progress import progress_bar
 
-    from lipsync.dataprep import DataPrepError, enhance_job, hq_path, report_not_clips, run_parallel, scan_raw_corpus
-    from lipsync.media import use_ffmpeg
+    from lipsync.train.dataprep import DataPrepError, enhance_job, hq_path, report_not_clips, run_parallel, scan_raw_corpus
+    from lipsync.media.ffmpeg import use_ffmpeg
 
     use_ffmpeg(args.ffmpeg)
     scan = scan_raw_corpus(args.data_root)

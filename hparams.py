@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, fields
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 # ---- the audio front end every published checkpoint was trained on, defined once ----
 # audio.py re-exports these (``audio.SAMPLE_RATE``); the HParams defaults below are these values.

@@ -9,8 +9,8 @@ Multi-GPU: torchrun --nproc_per_node N hq_wav2lip_train.py ...
 """
 import sys
 
-from lipsync.training import main_for
-from lipsync.trainers import GANTrainer
+from lipsync.train.training import main_for
+from lipsync.train.trainers import GANTrainer
 
 
 def main(argv=None) -> int:

@@ -15,8 +15,8 @@ import os
 import sys
 
 from face_detection import BACKENDS
-from lipsync.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, QUIET_HELP, THREADS_HELP, HelpFormatter
-from lipsync.device import DEVICE_CHOICES
+from lipsync.core.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, QUIET_HELP, THREADS_HELP, HelpFormatter
+from lipsync.core.device import DEVICE_CHOICES
 
 # flags that decide an avatar's frames and boxes, as avatar.json names them
 AVATAR_FLAGS = {"fps": "fps", "static": "static", "resize_factor": "resize_factor", "rotate": "rotate",
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--on_missing_face", choices=("passthrough", "fail"), default="passthrough",
         help="a frame without a face: keep it unchanged, or stop")
     add("--quiet", action="store_true", help=QUIET_HELP)
-    from lipsync.media import add_ffmpeg_arg
+    from lipsync.media.ffmpeg import add_ffmpeg_arg
 
     add_ffmpeg_arg(p)
     return p
@@ -140,14 +140,14 @@ def main(argv=None) -> int:
     if args.outdir and "outfile" in explicit_flags(argv if argv is not None else sys.argv[1:]):
         parser.error("give --outfile (one output) or --outdir (outputs named after their audio), not both")
 
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(_run, args, audios, argv)
 
 
 def _run(args, audios, argv) -> int:
-    from lipsync.inference import InferenceConfig, run_many
-    from lipsync.media import use_ffmpeg
+    from lipsync.render.inference import InferenceConfig, run_many
+    from lipsync.media.ffmpeg import use_ffmpeg
 
     use_ffmpeg(args.ffmpeg)
     given = explicit_flags(argv if argv is not None else sys.argv[1:]) if args.avatar else {}
@@ -169,7 +169,7 @@ def _run(args, audios, argv) -> int:
     failed = 0
     for path, result in zip(audios, results):
         if isinstance(result, Exception):
-            from lipsync.errors import error_line
+            from lipsync.core.errors import error_line
 
             print(f"{error_line(result)} (audio {path!r}: no output written)", file=sys.stderr)
             failed += 1

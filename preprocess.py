@@ -23,10 +23,10 @@ import time
 
 def build_parser():
     from face_detection import BACKENDS
-    from lipsync.device import DEVICE_CHOICES
+    from lipsync.core.device import DEVICE_CHOICES
 
-    from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
-    from lipsync.media import add_ffmpeg_arg
+    from lipsync.core.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+    from lipsync.media.ffmpeg import add_ffmpeg_arg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="raw corpus: <data_root>/<group>/<clip>.<ext> (any video)")
@@ -48,8 +48,8 @@ def build_parser():
 def _worker(device: str, args: dict, jobs: list, results):
     """Process ``jobs`` with one detector on ``device``; report each clip on ``results``."""
     from face_detection import get_detector
-    from lipsync.dataprep import preprocess_clip
-    from lipsync.media import use_ffmpeg
+    from lipsync.train.dataprep import preprocess_clip
+    from lipsync.media.ffmpeg import use_ffmpeg
 
     try:
         use_ffmpeg(args["ffmpeg"])  # a spawned worker starts with the default choice
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.ngpu < 1:
         parser.error("--batch_size and --ngpu must be >= 1")
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(preprocess, args)
 
@@ -79,13 +79,13 @@ def preprocess(args) -> int:
     import multiprocessing as mp
     import queue
 
-    from lipsync.progress import progress_bar
+    from lipsync.core.progress import progress_bar
 
     from face_detection import get_detector
-    from lipsync.dataprep import (DataPrepError, clip_out_dir, is_done, parse_shard, pick_source, report_not_clips,
+    from lipsync.train.dataprep import (DataPrepError, clip_out_dir, is_done, parse_shard, pick_source, report_not_clips,
                                   scan_raw_corpus, take_shard, write_json_atomic)
-    from lipsync.device import resolve_device
-    from lipsync.media import use_ffmpeg
+    from lipsync.core.device import resolve_device
+    from lipsync.media.ffmpeg import use_ffmpeg
 
     use_ffmpeg(args.ffmpeg)
     shard = parse_shard(args.shard)

@@ -18,10 +18,10 @@ import re
 import sys
 
 from face_detection import BACKENDS
-from lipsync.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, THREADS_HELP, HelpFormatter
-from lipsync.device import DEVICE_CHOICES
-from lipsync.errors import Wav2LipError
-from lipsync.sessions import MAX_GROUP
+from lipsync.core.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, THREADS_HELP, HelpFormatter
+from lipsync.core.device import DEVICE_CHOICES
+from lipsync.core.errors import Wav2LipError
+from lipsync.serve.sessions import MAX_GROUP
 
 TOKEN_ENV = "WAV2LIP_TOKEN"
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shutdown_timeout", type=float, default=30.0,
         help="on SIGTERM, seconds to let uploads and /v1/lipsync jobs in flight finish before they are cancelled")
     add("--log_level", choices=("debug", "info", "warning", "error"), default="info", help="server log level")
-    from lipsync.media import add_ffmpeg_arg
+    from lipsync.media.ffmpeg import add_ffmpeg_arg
 
     add_ffmpeg_arg(p)
     return p
@@ -124,22 +124,22 @@ def browser_url(host: str, port: int, token: bool) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(_serve, args)
 
 
 def _serve(args) -> int:
-    from lipsync.media import use_ffmpeg
+    from lipsync.media.ffmpeg import use_ffmpeg
 
     check_args(args)
     use_ffmpeg(args.ffmpeg)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
     import uvicorn
 
-    from lipsync.onnx_model import open_generator
-    from lipsync.server import ServerConfig, ServerState, create_app
-    from lipsync.sessions import StreamOptions
+    from lipsync.render.onnx_model import open_generator
+    from lipsync.serve.server import ServerConfig, ServerState, create_app
+    from lipsync.serve.sessions import StreamOptions
 
     generator = open_generator(args.checkpoint_path, device=args.device, precision=args.precision,
                                threads=args.threads)

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from lipsync.cli import QUIET_HELP, HelpFormatter
+from lipsync.core.cli import QUIET_HELP, HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         build_parser().error("--chunk_ms must be 10-1000 (the server takes at most 1 s per message)")
     if args.speed < 0:
         build_parser().error("--speed must be >= 0")
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(_run, args)
 
@@ -45,8 +45,8 @@ def _run(args) -> int:
     import numpy as np
 
     import audio
-    from lipsync.client import ClientError, decode_jpeg, get_json, pcm16, stream_audio
-    from lipsync.video import VideoWriter
+    from lipsync.serve.client import ClientError, decode_jpeg, get_json, pcm16, stream_audio
+    from lipsync.media.video import VideoWriter
 
     info = get_json(args.url, f"/v1/avatars/{args.avatar_id}", args.token)
     wav = audio.load_wav(args.audio, audio.SAMPLE_RATE)

@@ -28,8 +28,8 @@ import time
 
 
 def build_parser():
-    from lipsync.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
-    from lipsync.media import add_ffmpeg_arg
+    from lipsync.core.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
+    from lipsync.media.ffmpeg import add_ffmpeg_arg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="preprocessed root (preprocess.py's output)")
@@ -54,9 +54,9 @@ ORIGINAL = "audio.orig.wav"
 def apply_shift(clip_dir: str, total_shift: int) -> None:
     """audio.wav (+ mel.npy) = the original audio shifted by ``total_shift`` frames; done.json last."""
     import audio
-    from lipsync.dataprep import DONE, read_done, write_audio_and_mel, write_json_atomic
-    from lipsync.fileio import atomic_write
-    from lipsync.evaluation import SR, shift_audio
+    from lipsync.train.dataprep import DONE, read_done, write_audio_and_mel, write_json_atomic
+    from lipsync.core.fileio import atomic_write
+    from lipsync.eval.evaluation import SR, shift_audio
 
     wav_path = os.path.join(clip_dir, "audio.wav")
     orig = os.path.join(clip_dir, ORIGINAL)
@@ -71,8 +71,8 @@ def apply_shift(clip_dir: str, total_shift: int) -> None:
 
 def clean_filelists(filelists_dir: str, excluded: set) -> dict:
     """Drop excluded clips from each list (atomically); returns {split: removed count}."""
-    from lipsync.data import filelist_clip
-    from lipsync.dataprep import write_text_atomic
+    from lipsync.train.data import filelist_clip
+    from lipsync.train.dataprep import write_text_atomic
 
     removed = {}
     for split in ("train", "val", "test"):
@@ -98,21 +98,21 @@ def main(argv=None) -> int:
             parser.error(f"--min_confidence must be a number or 'auto', got {args.min_confidence!r}")
     if args.max_offset < 0 or args.max_offset > args.vshift:
         parser.error(f"--max_offset must be in 0..--vshift ({args.vshift})")
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(correct, args)
 
 
 def correct(args) -> int:
     import numpy as np
-    from lipsync.progress import progress_bar
+    from lipsync.core.progress import progress_bar
 
     import audio
-    from lipsync.dataprep import DataPrepError, list_preprocessed, read_done, write_json_atomic
-    from lipsync.device import resolve_device
-    from lipsync.errors import Wav2LipError
-    from lipsync.evaluation import SR, ExpertScorer, score_preprocessed_clip, shift_audio
-    from lipsync.media import use_ffmpeg
+    from lipsync.train.dataprep import DataPrepError, list_preprocessed, read_done, write_json_atomic
+    from lipsync.core.device import resolve_device
+    from lipsync.core.errors import Wav2LipError
+    from lipsync.eval.evaluation import SR, ExpertScorer, score_preprocessed_clip, shift_audio
+    from lipsync.media.ffmpeg import use_ffmpeg
 
     use_ffmpeg(args.ffmpeg)
     if not os.path.isdir(args.data_root):

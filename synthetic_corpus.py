@@ -5,7 +5,7 @@
         --outfile truth.mp4        # the true video of that clip's identity saying any audio
 
 Layout: DIR/<group>/<clip>.mp4 (25 fps, 16 kHz AAC) with DIR/<group>/<clip>.json beside it (per-frame
-mouth opening and width, face boxes, the identity). See lipsync/synthetic.py for how the mouth follows
+mouth opening and width, face boxes, the identity). See lipsync/train/synthetic.py for how the mouth follows
 the audio.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import tempfile
 
 
 def build_parser():
-    from lipsync.cli import HelpFormatter, QUIET_HELP
-    from lipsync.synthetic import SPEECH_CHOICES, SPEECH_HELP
+    from lipsync.core.cli import HelpFormatter, QUIET_HELP
+    from lipsync.train.synthetic import SPEECH_CHOICES, SPEECH_HELP
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", help="corpus root to write")
@@ -38,7 +38,7 @@ def render_truth(args) -> int:
     import json
 
     import audio
-    from lipsync.synthetic import Identity, write_clip
+    from lipsync.train.synthetic import Identity, write_clip
 
     with open(args.render_truth) as fh:
         ident = Identity.from_dict(json.load(fh)["identity"])
@@ -54,14 +54,14 @@ def main(argv=None) -> int:
     if args.render_truth:
         if not (args.audio and args.outfile):
             parser.error("--render_truth needs --audio and --outfile")
-        from lipsync.errors import run_main
+        from lipsync.core.errors import run_main
 
         return run_main(render_truth, args)
     if not args.out:
         parser.error("--out is required")
     if args.clips < 1:
         parser.error("--clips must be >= 1")
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     return run_main(write_corpus, args)
 
@@ -70,9 +70,9 @@ def write_corpus(args) -> int:
     import json
 
     import numpy as np
-    from lipsync.progress import progress_bar
+    from lipsync.core.progress import progress_bar
 
-    from lipsync.synthetic import SpeechError, corpus_plan, make_speech, speech_source, write_clip
+    from lipsync.train.synthetic import SpeechError, corpus_plan, make_speech, speech_source, write_clip
 
     source = speech_source(args.speech)
     plan = corpus_plan(args.clips, args.seed, args.clips_per_group, args.seconds)

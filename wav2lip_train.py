@@ -9,8 +9,8 @@ Multi-GPU: torchrun --nproc_per_node N wav2lip_train.py ...
 """
 import sys
 
-from lipsync.training import main_for
-from lipsync.trainers import GeneratorTrainer
+from lipsync.train.training import main_for
+from lipsync.train.trainers import GeneratorTrainer
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ Multi-GPU: torchrun --nproc_per_node N wloss_hq_wav2lip_train.py ...
 """
 import sys
 
-from lipsync.training import main_for
-from lipsync.trainers import WGANTrainer
+from lipsync.train.training import main_for
+from lipsync.train.trainers import WGANTrainer
 
 
 def main(argv=None) -> int:

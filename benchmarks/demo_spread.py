@@ -46,7 +46,7 @@ def run_one(out: str, seed: int, threads: int, extra) -> dict:
 
 
 def main(argv=None) -> int:
-    from lipsync.cli import HelpFormatter
+    from lipsync.core.cli import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_spread", help="folder of the runs (one subfolder each)")
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import demo
-    from lipsync.generator import cpu_capabilities
+    from lipsync.render.generator import cpu_capabilities
 
     print(f"CPU: {cpu_capabilities().line()}", flush=True)
     pairs = [(s, t) for t in args.threads for s in args.seeds]

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
-    from lipsync.cli import HelpFormatter
+    from lipsync.core.cli import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run", help="a demo folder with preprocessed/ and filelists/")
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import color_syncnet_train
     import demo
     from hparams import get_hparams
-    from lipsync.generator import cpu_capabilities
+    from lipsync.render.generator import cpu_capabilities
 
     print(f"CPU: {cpu_capabilities().line()}; torch threads {torch.get_num_threads()}", flush=True)
     pre, fl = os.path.join(args.run, "preprocessed"), os.path.join(args.run, "filelists")

@@ -35,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lipsync.cli import HelpFormatter  # noqa: E402
+from lipsync.core.cli import HelpFormatter  # noqa: E402
 
 BOX = [80, 640, 400, 880]  # top bottom left right around the face in the 720p frame
 SECTIONS = ("engine", "published", "detection", "precision", "s3fd")
@@ -50,7 +50,7 @@ def make_inputs(workdir: str, seconds: int, tag: str = ""):
     from skimage import data
 
     import audio
-    from lipsync.video import VideoWriter
+    from lipsync.media.video import VideoWriter
 
     video = os.path.join(workdir, f"face_{seconds}s_720p.mp4")
     wav_path = os.path.join(workdir, f"speech_{seconds}s{tag}.wav")
@@ -101,7 +101,7 @@ def peak_rss() -> dict:
 
 def child_run(opts: dict) -> dict:
     """One inference.py run in this process: timings, frames, peak memory."""
-    from lipsync.inference import InferenceConfig, run_inference
+    from lipsync.render.inference import InferenceConfig, run_inference
 
     t0 = time.perf_counter()
     summary = run_inference(InferenceConfig(progress=False, det_cache_dir="", **opts))
@@ -192,8 +192,8 @@ def child_detection(opts: dict) -> dict:
     import numpy as np
 
     from face_detection import box_iou
-    from lipsync.boxes import DetectionSettings, FaceFinder, coords_from_detections
-    from lipsync.frames import FaceSource
+    from lipsync.render.boxes import DetectionSettings, FaceFinder, coords_from_detections
+    from lipsync.media.frames import FaceSource
 
     def boxes(frames, settings):
         spent = []
@@ -234,7 +234,7 @@ def child_generator(opts: dict) -> dict:
     CPU tuning settled: frames/s over 3 calls of 64 frames."""
     import numpy as np
 
-    from lipsync.generator import Generator
+    from lipsync.render.generator import Generator
 
     rng = np.random.default_rng(0)
     mels = rng.standard_normal((64, 80, 16)).astype(np.float32)
@@ -254,12 +254,10 @@ def child_generator(opts: dict) -> dict:
 def child_precision(opts: dict) -> dict:
     """A trained generator's frames in bf16 against fp32 on the same input (box given, hard paste so
     only the generator differs)."""
-    import numpy as np
-
     import audio
-    from lipsync.avatar import AvatarSettings, prepare_avatar
-    from lipsync.engine import render
-    from lipsync.generator import Generator
+    from lipsync.render.avatar import AvatarSettings, prepare_avatar
+    from lipsync.render.engine import render
+    from lipsync.render.generator import Generator
 
     wav = audio.load_wav(opts["audio"], audio.SAMPLE_RATE)
     outs = {}
@@ -416,7 +414,7 @@ def main(argv=None):
 
     import torch
 
-    from lipsync.generator import cpu_capabilities
+    from lipsync.render.generator import cpu_capabilities
 
     DEVICE["name"] = args.device
     caps = cpu_capabilities()

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
-    from lipsync.cli import HelpFormatter
+    from lipsync.core.cli import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--clips", type=int, default=8, help="synthetic clips to generate")
@@ -35,7 +35,7 @@ def main(argv=None):
     import preprocess
     import synthetic_corpus
     from face_detection import box_iou as iou, get_detector
-    from lipsync.video import iter_frames, probe_video
+    from lipsync.media.video import iter_frames, probe_video
 
     work = tempfile.mkdtemp(prefix="prep_bench_")
     try:

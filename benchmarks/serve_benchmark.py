@@ -53,7 +53,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import audio  # noqa: E402
-from lipsync.cli import HelpFormatter  # noqa: E402
+from lipsync.core.cli import HelpFormatter  # noqa: E402
 
 MODELS = {"tiny": 0.25, "96": 1.0}  # generator width (96x96 faces): the tests' tiny one, the published layout
 REAL_TIME_FPS = 24.0
@@ -118,7 +118,7 @@ def make_avatar_video(workdir: str, width: int, height: int, seconds: int = 4):
     the face box as "top bottom left right"."""
     import cv2
 
-    from lipsync.video import VideoWriter
+    from lipsync.media.video import VideoWriter
     from media import astronaut
 
     path = os.path.join(workdir, f"avatar_{width}x{height}.mp4")
@@ -137,7 +137,7 @@ def make_avatar_video(workdir: str, width: int, height: int, seconds: int = 4):
 def speech(seconds: float, offset: int) -> np.ndarray:
     """``seconds`` of speech-like 16 kHz int16 PCM (the test fixture, repeated), started ``offset``
     samples in, so that clients do not all say the same thing at the same time."""
-    from lipsync.client import pcm16
+    from lipsync.serve.client import pcm16
 
     ref = audio.load_wav(os.path.join(ROOT, "tests", "fixtures", "reference", "speechlike_16k.wav"))
     n = int(round(seconds * audio.SAMPLE_RATE))
@@ -195,7 +195,7 @@ async def client(url: str, avatar_id: str, pcm: np.ndarray, chunk_ms: float, del
     """One simulated user: waits ``delay`` seconds, streams ``pcm`` at real-time pace (message ``m``
     is sent at ``t0 + m * chunk``, or as soon after as the server reads), reads every message, and
     gives up ``grace`` seconds after its audio ended if the server has not finished by then."""
-    from lipsync.client import ws_url
+    from lipsync.serve.client import ws_url
 
     await asyncio.sleep(delay)
     run = ClientRun(max(1, int(round(audio.SAMPLE_RATE * chunk_ms / 1000.0))))
@@ -391,7 +391,7 @@ def bench_server(workdir: str, model: str, precision: str, args, width: int, hei
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lipsync.generator import cpu_capabilities
+    from lipsync.render.generator import cpu_capabilities
 
     caps = cpu_capabilities()
     cuda = args.device == "cuda"

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
-    from lipsync.cli import HelpFormatter
+    from lipsync.core.cli import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_root", required=True, help="preprocessed root (preprocess.py's output)")
@@ -44,8 +44,8 @@ def main(argv=None):
 
     import audio
     import sync_correct
-    from lipsync.data import read_filelist
-    from lipsync.evaluation import SR, ExpertScorer, measure_known_shifts, score_preprocessed_clip, shift_audio
+    from lipsync.train.data import read_filelist
+    from lipsync.eval.evaluation import SR, ExpertScorer, measure_known_shifts, score_preprocessed_clip, shift_audio
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def main(argv=None):
         shutil.copytree(args.data_root, root)
         shutil.copytree(args.filelists_dir, fl)
         rng = np.random.default_rng(0)
-        from lipsync.dataprep import list_preprocessed
+        from lipsync.train.dataprep import list_preprocessed
 
         names = [n for n, _ in list_preprocessed(args.data_root)]
         order = [names[i] for i in rng.permutation(len(names))]

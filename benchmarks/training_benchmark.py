@@ -3,7 +3,7 @@
     python benchmarks/training_benchmark.py                        # CPU, tiny preset, 20 steps each
     python benchmarks/training_benchmark.py --device cuda --presets 96 288 --steps 300 --amp bf16
 
-Data: a generated preprocessed corpus (lipsync.synthetic.write_preprocessed), so it runs anywhere.
+Data: a generated preprocessed corpus (lipsync.train.synthetic.write_preprocessed), so it runs anywhere.
 A sample is one expert pair or one generator window of 5 frames.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
-    from lipsync.cli import DEVICE_HELP, HelpFormatter
+    from lipsync.core.cli import DEVICE_HELP, HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -32,9 +32,9 @@ def main(argv=None):
     import torch
 
     from hparams import get_hparams
-    from lipsync import synthetic as S
-    from lipsync.training import Dist, build_parser, seed_everything
-    from lipsync.trainers import ExpertTrainer, GANTrainer, GeneratorTrainer, WGANTrainer
+    from lipsync.train import synthetic as S
+    from lipsync.train.training import Dist, build_parser, seed_everything
+    from lipsync.train.trainers import ExpertTrainer, GANTrainer, GeneratorTrainer, WGANTrainer
 
     work = tempfile.mkdtemp(prefix="train_bench_")
     root = os.path.join(work, "pre")

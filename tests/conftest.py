@@ -23,7 +23,7 @@ def reference_dir():
 def reproducible_generator(checkpoint_path):
     """An fp32 CPU generator on the library's one fixed plan (``Generator(reproducible=True)``): the
     generator for any test that compares the frames of two calls bit for bit."""
-    from lipsync.generator import Generator
+    from lipsync.render.generator import Generator
 
     return Generator(checkpoint_path, device="cpu", precision="fp32", reproducible=True)
 
@@ -47,7 +47,7 @@ class _PlanJitter(torch.nn.Module):
 
 
 if os.environ.get("WAV2LIP_PLAN_JITTER"):
-    from lipsync import generator as _generator
+    from lipsync.render import generator as _generator
 
     _original_init = _generator.Generator.__init__
 

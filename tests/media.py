@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from audio import SAMPLE_RATE, ffmpeg_exe
-from lipsync.video import VideoWriter
+from lipsync.media.video import VideoWriter
 
 
 def astronaut(size=(256, 256)):
@@ -44,7 +44,7 @@ def ffmpeg(*args):
 def set_rotation(src, dst, degrees):
     """Copy ``src`` to ``dst`` with display rotation metadata of ``degrees`` counter-clockwise, with
     whichever way this ffmpeg has: ``-display_rotation`` (ffmpeg 6+) or the ``rotate`` tag (older)."""
-    from lipsync.media import has_option
+    from lipsync.media.ffmpeg import has_option
 
     if has_option("display_rotation"):
         ffmpeg("-display_rotation", str(degrees), "-i", str(src), "-c", "copy", str(dst))

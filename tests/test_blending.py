@@ -1,4 +1,4 @@
-"""lipsync.blending: no visible box, no colour patch, the mouth kept; --blend none is the published paste."""
+"""lipsync.render.blending: no visible box, no colour patch, the mouth kept; --blend none is the published paste."""
 import os
 import subprocess
 import sys
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REFERENCE, ROOT
-from lipsync.blending import BlendError, Blender, feather_mask, paste
-from lipsync.video import iter_frames, probe_video
+from lipsync.render.blending import BlendError, Blender, feather_mask, paste
+from lipsync.media.video import iter_frames, probe_video
 from media import astronaut, make_face_video
 
 BOX = (150, 330, 230, 410)   # (y1, y2, x1, x2) around the astronaut's lower face in a 480x640 frame

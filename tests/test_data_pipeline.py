@@ -14,8 +14,8 @@ import generate_hq_videos
 import preprocess
 import synthetic_corpus
 from conftest import ROOT
-from lipsync import synthetic as S
-from lipsync.video import iter_frames, probe_video
+from lipsync.train import synthetic as S
+from lipsync.media.video import iter_frames, probe_video
 from media import ffmpeg
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import demo
-from lipsync.metrics import roc_auc
+from lipsync.eval.metrics import roc_auc
 
 # The last full run recorded in the README (AMD CPU, 880 s), with the AUC it now also reports.
 RECORDED = {
@@ -109,7 +109,7 @@ def test_speech_defaults_to_the_synthesiser_and_reaches_the_corpus(monkeypatch, 
 
 
 def test_espeak_without_espeak_ng_is_a_usage_error(monkeypatch, capsys):
-    from lipsync import synthetic
+    from lipsync.train import synthetic
 
     monkeypatch.setattr(synthetic, "espeak_available", lambda: False)
     with pytest.raises(SystemExit) as exc:

@@ -12,11 +12,11 @@ import torch
 import audio
 import inference
 from conftest import REFERENCE, ROOT, reproducible_generator
-from lipsync.avatar import AvatarSettings, load_avatar, prepare_avatar
-from lipsync.boxes import DetectionSettings, FaceFinder
-from lipsync.engine import render
-from lipsync.generator import CpuTuner, Generator, cpu_capabilities, resolve_precision
-from lipsync.inference import InferenceConfig, run_inference
+from lipsync.render.avatar import AvatarSettings, load_avatar, prepare_avatar
+from lipsync.render.boxes import DetectionSettings, FaceFinder
+from lipsync.render.engine import render
+from lipsync.render.generator import CpuTuner, Generator, cpu_capabilities, resolve_precision
+from lipsync.render.inference import InferenceConfig, run_inference
 from media import ffmpeg, make_face_video, tone_wav
 from models import Wav2Lip
 
@@ -103,7 +103,7 @@ def test_save_avatar_alone_then_many_audios_one_bad(env, tmp_path, monkeypatch):
                            env["wav2"], "--outdir", str(out), "--quiet", "--device", "cpu"])
     assert code == 1 and len(loads) == 1
     assert sorted(os.listdir(out)) == ["speech.mp4", "speechlike_16k.mp4", "tone.mp4"]
-    from lipsync.video import count_frames, probe_video
+    from lipsync.media.video import count_frames, probe_video
 
     assert count_frames(probe_video(str(out / "tone.mp4"))) == 38  # 1.5 s at 25 fps, rounded up
 
@@ -209,7 +209,7 @@ def test_an_interrupted_save_keeps_the_avatar_it_would_replace(env, avatar_dir, 
     """Ctrl-C between moving the old avatar aside and moving the new one in: the old one is back."""
     import shutil
 
-    from lipsync.avatar import load_avatar, save_avatar
+    from lipsync.render.avatar import load_avatar, save_avatar
 
     folder = str(tmp_path / "mine")
     shutil.copytree(avatar_dir, folder)
@@ -230,7 +230,7 @@ def test_an_interrupted_save_keeps_the_avatar_it_would_replace(env, avatar_dir, 
     after = load_avatar(folder, 96)
     assert np.array_equal(np.asarray(after.crops), np.asarray(before.crops))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
-    from lipsync.fileio import current_umask
+    from lipsync.core.fileio import current_umask
 
     assert os.stat(folder).st_mode & 0o777 == 0o777 & ~current_umask()  # readable as the umask says, not 0700
 
@@ -290,7 +290,7 @@ def test_threads_flag_and_tuner(env, tmp_path, monkeypatch):
 
 
 def test_precision_choice(monkeypatch):
-    import lipsync.generator as g
+    import lipsync.render.generator as g
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
@@ -302,8 +302,6 @@ def test_precision_choice(monkeypatch):
         assert resolve_precision("auto", cpu) == ("bf16" if bf16 else "fp32")
     assert "bf16 matrix support" in cpu_capabilities().line()
     # parity mode (--blend none --loop repeat) runs in fp32 whatever the CPU
-    from lipsync.inference import load_generator
-
     cfg = InferenceConfig(checkpoint_path="x", face="y", audio="z", blend="none", loop="repeat")
     assert cfg.parity and cfg.avatar_settings().detection.every == 1 and cfg.avatar_settings().detection.scale == 1
 
@@ -328,7 +326,7 @@ def moving_face_frame(k, cut=40):
 
 def moving_face_clip(path, n=60, cut=40):
     """384x384 clip: the photograph glides right by 1 px/frame, then jumps (a cut) at frame ``cut``."""
-    from lipsync.video import VideoWriter
+    from lipsync.media.video import VideoWriter
 
     with VideoWriter(str(path), 384, 384, 25) as w:
         for k in range(n):
@@ -342,7 +340,7 @@ def test_sparse_detection_follows_every_frame_detection(tmp_path):
     photograph moves; the detector (lbp) is not perfect, so sparse is judged against what dense
     achieves on the same decoded frames (their pixels depend on the ffmpeg build)."""
     from face_detection import box_iou
-    from lipsync.frames import FaceSource
+    from lipsync.media.frames import FaceSource
 
     clip = moving_face_clip(tmp_path / "move.mp4")
     frames = list(FaceSource(clip).frames())
@@ -370,13 +368,13 @@ def test_sparse_detection_follows_every_frame_detection(tmp_path):
 def test_photo_avatar_round_trip(env, tmp_path):
     import cv2
 
-    from lipsync.frames import FaceSource
+    from lipsync.media.frames import FaceSource
 
     photo = str(tmp_path / "face.png")
     cv2.imwrite(photo, next(FaceSource(env["video"]).frames()))
     folder = str(tmp_path / "photo_avatar")
     settings = AvatarSettings(fps=30.0, detection=DetectionSettings(detector="lbp"))
-    from lipsync.avatar import save_avatar
+    from lipsync.render.avatar import save_avatar
 
     save_avatar(prepare_avatar(photo, settings, 96, with_crops=True, progress=False), folder)
     av = load_avatar(folder, 96)
@@ -404,8 +402,8 @@ def test_device_composer_matches_opencv_path(env, blend):
 
 
 def test_device_composer_crops_like_opencv():
-    from lipsync.avatar import cut_crop
-    from lipsync.gpu import TorchComposer
+    from lipsync.render.avatar import cut_crop
+    from lipsync.render.gpu import TorchComposer
 
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(3)]

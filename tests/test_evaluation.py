@@ -12,8 +12,8 @@ import audio
 import color_syncnet_train
 import evaluate
 import sync_correct
-from lipsync import synthetic as S
-from lipsync.evaluation import (EvaluationError, ExpertScorer, SyncNetV2Scorer, fill_missing_boxes, longest_run,
+from lipsync.train import synthetic as S
+from lipsync.eval.evaluation import (EvaluationError, ExpertScorer, SyncNetV2Scorer, fill_missing_boxes, longest_run,
                                 offset_distances, score_preprocessed_clip, shift_audio, sync_score, syncnet_crop,
                                 syncnet_track)
 from models.checkpoint import CheckpointError
@@ -181,7 +181,7 @@ def videos(tmp_path_factory):
     in_sync = str(root / "in_sync.mp4")
     S.write_clip(in_sync, ident, wav)
     late = str(root / "audio_late.mp4")
-    from lipsync.video import mux_audio
+    from lipsync.media.video import mux_audio
 
     shifted = str(root / "late.wav")
     audio.save_wav(shift_audio(wav, 5), shifted, audio.SAMPLE_RATE)

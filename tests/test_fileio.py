@@ -1,9 +1,9 @@
-"""lipsync.fileio.atomic_write: a file is replaced whole or not at all."""
+"""lipsync.core.fileio.atomic_write: a file is replaced whole or not at all."""
 import os
 
 import pytest
 
-from lipsync.fileio import atomic_write, current_umask
+from lipsync.core.fileio import atomic_write, current_umask
 
 
 def test_the_block_writes_the_file_with_the_umask_permissions(tmp_path):

@@ -76,4 +76,4 @@ def test_help_tells_the_truth(script, monkeypatch):
         # the defaults formatter shows "(default: ...)" for every optional flag
         if action.option_strings and not action.required and action.default is not argparse.SUPPRESS:
             shown = parser._get_formatter()._get_help_string(action)
-            assert "%(default)" in shown, f"{script}: {name} does not show its default (use lipsync.cli.HelpFormatter)"
+            assert "%(default)" in shown, f"{script}: {name} does not show its default (use lipsync.core.cli.HelpFormatter)"

@@ -12,10 +12,10 @@ import torch
 import audio
 import inference
 from conftest import REFERENCE, ROOT, reproducible_generator
-from lipsync.boxes import coords_from_detections
-from lipsync.frames import source_index
-from lipsync.inference import InferenceConfig, run_inference
-from lipsync.video import count_frames, iter_frames, probe_video
+from lipsync.render.boxes import coords_from_detections
+from lipsync.media.frames import source_index
+from lipsync.render.inference import InferenceConfig, run_inference
+from lipsync.media.video import count_frames, iter_frames, probe_video
 from media import make_face_video, marker_index, set_rotation, tone_wav, ffmpeg
 from models import SyncNet_color, Wav2Lip
 from published_reference import published_face_boxes, published_frames, published_mel_chunks
@@ -348,7 +348,7 @@ def test_detection_flags_run(media, tmp_path):
 def _loudness_generator(monkeypatch):
     """Make every generator draw the mouth region of its face darker the louder the frame's mel
     window is (the oracle: the mouth opens when this frame's window is loud)."""
-    from lipsync.generator import Generator
+    from lipsync.render.generator import Generator
 
     def generate(self, mels, faces, keys=None, as_tensor=False):
         out = np.array(faces, copy=True)
@@ -363,7 +363,7 @@ def _loudness_generator(monkeypatch):
 def test_audio_starting_late_stays_in_sync(media, tmp_path, monkeypatch, container, codec):
     """Speech muxed 0.4 s after the video starts (ffmpeg -itsoffset): the output's mouth follows
     the output's own audio (lag 0 by the loudness oracle) and the picture lasts as long as the sound."""
-    from lipsync.media import has_encoder
+    from lipsync.media.ffmpeg import has_encoder
     from media import av_lag, mel_loudness, mouth_openness
 
     if not has_encoder(codec):

@@ -17,8 +17,8 @@ import pytest
 
 import audio
 from conftest import ROOT
-from lipsync import media
-from lipsync.video import VideoWriter, is_image_file, is_image_path, iter_frames, probe_video
+from lipsync.media import ffmpeg as media
+from lipsync.media.video import VideoWriter, is_image_file, is_image_path, iter_frames, probe_video
 from media import astronaut, av_lag, ffmpeg, make_face_video, mel_loudness, mouth_openness, tone_wav
 
 SR = audio.SAMPLE_RATE
@@ -151,7 +151,7 @@ def test_preprocess_pairs_a_late_audio_clip_in_sync(tmp_path):
     and the lag was 10 frames off."""
     import cv2
 
-    from lipsync import synthetic
+    from lipsync.train import synthetic
 
     rng = np.random.default_rng(3)
     ident = synthetic.random_identity(rng, photo=sorted(synthetic.PHOTOS)[0])
@@ -267,7 +267,7 @@ def test_probing_without_ffprobe_agrees(src, tmp_path, monkeypatch):
 def test_rational_rates_are_written_exactly(tmp_path, rate):
     """Item 6: 24000/1001 in is 24000/1001 out (it was written as 1199/50), through the writer and
     through generate_hq_videos' enhancer, which rewrites a clip at its own rate."""
-    from lipsync.dataprep import enhance_builtin
+    from lipsync.train.dataprep import enhance_builtin
 
     src = str(tmp_path / "in.mp4")
     ffmpeg("-f", "lavfi", "-i", f"testsrc=size=64x48:rate={rate}:duration=1", "-c:v", "libx264", "-pix_fmt",
@@ -369,7 +369,7 @@ def test_filelists_name_clips_with_spaces(tmp_path):
     """A clip named "12:30 take" is one clip in the filelists (trainers read it, sync_correct.py
     removes it); LRS2's second column ("NF") is still read as a flag."""
     import sync_correct
-    from lipsync.data import read_filelist
+    from lipsync.train.data import read_filelist
 
     for clip in ("g1/12:30 take", "g 2/a", "g1/b"):
         (tmp_path / "pre" / clip).mkdir(parents=True)
@@ -407,7 +407,7 @@ def test_names_ffmpeg_would_misread(tmp_path, monkeypatch, face, voice):
 def test_corpus_lists_every_container_and_letter_case(tmp_path):
     import cv2
 
-    from lipsync.dataprep import hq_path, scan_raw_corpus
+    from lipsync.train.dataprep import hq_path, scan_raw_corpus
 
     root = tmp_path / "grouped"
     spk = root / "spk1"
@@ -540,8 +540,8 @@ def test_entry_points_report_one_error_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_cached_mel_is_used_only_with_its_parameters(tmp_path):
     import hparams
-    from lipsync.dataprep import load_clip_mel, read_done, write_json_atomic
-    from lipsync.synthetic import write_preprocessed
+    from lipsync.train.dataprep import load_clip_mel, read_done, write_json_atomic
+    from lipsync.train.synthetic import write_preprocessed
 
     clip = str(tmp_path / write_preprocessed(str(tmp_path), groups=1)[0])
     assert read_done(clip)["mel_params"] == audio.mel_params()
@@ -563,7 +563,7 @@ def test_cached_mel_is_used_only_with_its_parameters(tmp_path):
 def test_evaluation_reads_a_late_audio_video_on_its_timeline(src, tmp_path):
     """The kind of item 1 in evaluation: the scorer's audio of a video whose audio starts 0.4 s late
     begins with that silence, and its frames are the video's."""
-    from lipsync.evaluation import read_video_for_scoring
+    from lipsync.eval.evaluation import read_video_for_scoring
 
     late = mux(src, tmp_path / "delayed.mp4", audio_offset=0.4)
     scored = read_video_for_scoring(late, box=(0, 0, 32, 32), with_syncnet=True)

@@ -13,9 +13,9 @@ pytest.importorskip("onnxruntime")
 import export_onnx  # noqa: E402
 from conftest import FIXTURES, REFERENCE  # noqa: E402
 from fill_rule import fill_state_dict  # noqa: E402
-from lipsync.generator import Generator  # noqa: E402
-from lipsync.inference import InferenceConfig, run_inference  # noqa: E402
-from lipsync.onnx_model import (FP32_TOLERANCE, OPSET, OnnxError, OnnxGenerator, example_inputs,  # noqa: E402
+from lipsync.render.generator import Generator  # noqa: E402
+from lipsync.render.inference import InferenceConfig, run_inference  # noqa: E402
+from lipsync.render.onnx_model import (FP32_TOLERANCE, OPSET, OnnxError, OnnxGenerator, example_inputs,  # noqa: E402
                                 max_abs_difference, metadata, open_generator, session)
 from media import make_face_video  # noqa: E402
 from models import SyncNet_color, Wav2Lip  # noqa: E402

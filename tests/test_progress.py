@@ -1,7 +1,7 @@
-"""lipsync.progress: a tqdm bar on a terminal, a few plain lines anywhere else."""
+"""lipsync.core.progress: a tqdm bar on a terminal, a few plain lines anywhere else."""
 import io
 
-from lipsync.progress import LineProgress, progress_bar
+from lipsync.core.progress import LineProgress, progress_bar
 
 
 class Clock:

@@ -32,7 +32,7 @@ import hq_wav2lip_train
 import wav2lip_train
 import wloss_hq_wav2lip_train
 from conftest import ROOT
-from lipsync import synthetic as S
+from lipsync.train import synthetic as S
 from models.checkpoint import read_layout
 
 SEED_FILE = os.path.join(os.path.dirname(ROOT), "shared", "seed", "000_dc23ff519831a18b.txt")

@@ -14,11 +14,11 @@ import torch
 
 import audio
 from conftest import REFERENCE, reproducible_generator
-from lipsync.avatar import load_avatar
-from lipsync.engine import render
-from lipsync.generator import Generator
-from lipsync.inference import InferenceConfig, run_inference
-from lipsync.video import count_frames, probe_video
+from lipsync.render.avatar import load_avatar
+from lipsync.render.engine import render
+from lipsync.render.generator import Generator
+from lipsync.render.inference import InferenceConfig, run_inference
+from lipsync.media.video import count_frames, probe_video
 from media import astronaut, make_face_video, tone_wav
 from serving import tiny_checkpoint
 
@@ -27,9 +27,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-from lipsync.batching import Batcher, BatcherClosed  # noqa: E402
-from lipsync.server import ServerConfig, ServerState, create_app  # noqa: E402
-from lipsync.sessions import IdleFrames, Outbox, StreamOptions  # noqa: E402
+from lipsync.serve.batching import Batcher, BatcherClosed  # noqa: E402
+from lipsync.serve.server import ServerConfig, ServerState, create_app  # noqa: E402
+from lipsync.serve.sessions import IdleFrames, Outbox, StreamOptions  # noqa: E402
 
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
 BOX = "40 200 60 196"  # top bottom left right: the astronaut's face at 256x256
@@ -312,7 +312,7 @@ def test_playlists_are_not_uploads(media, tmp_path):
     as a face and as audio: ffmpeg would read the server's file for it."""
     on_server = tmp_path / "private.ts"
     make_face_video(tmp_path / "private.mp4", 10, audio=media["tone"])
-    from lipsync.media import ffmpeg_command, ffmpeg_path
+    from lipsync.media.ffmpeg import ffmpeg_command, ffmpeg_path
     import subprocess
     subprocess.run(ffmpeg_command("-i", ffmpeg_path(str(tmp_path / "private.mp4")), "-c:v", "mpeg2video", "-c:a",
                                   "mp2", "-y", ffmpeg_path(str(on_server))), check=True, capture_output=True)
@@ -324,7 +324,7 @@ def test_playlists_are_not_uploads(media, tmp_path):
         with open(playlist, "rb") as fh:
             r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("speech.wav", fh)})
         assert r.status_code == 415
-    from lipsync.server import upload_format_ok
+    from lipsync.serve.server import upload_format_ok
     assert upload_format_ok("mov,mp4,m4a,3gp,3g2,mj2") and upload_format_ok("matroska,webm")
     assert upload_format_ok("png_pipe") and upload_format_ok("wav")
     assert not any(upload_format_ok(f) for f in ("hls", "concat", "dash", "", "sdp", "image2,hls"))
@@ -357,7 +357,7 @@ def test_queued_preparations_do_not_stall_the_server(media, tmp_path, monkeypatc
     """Avatars are prepared one at a time on their own thread: while uploads wait for it, listings
     and streams answer at once; beyond --max_sessions waiting uploads, 503. A /v1/lipsync job keeps
     its avatar in use (DELETE gets 409 while it runs)."""
-    from lipsync.avatar_store import AvatarInUse, AvatarStore
+    from lipsync.serve.avatar_store import AvatarInUse, AvatarStore
 
     release = threading.Event()
     real_create = AvatarStore.create
@@ -447,7 +447,7 @@ def test_streamed_frames_equal_offline_frames(media, served, chunk_ms):
 
 
 def test_the_device_composer_path(media, tmp_path):
-    """What a CUDA server runs (crop and paste by lipsync.gpu.TorchComposer, crops and faces as
+    """What a CUDA server runs (crop and paste by lipsync.render.gpu.TorchComposer, crops and faces as
     device tensors through the batcher), here on the CPU: frames equal render(..., on_device=True)
     up to a grey level on a few pixels."""
     sink = Frames()
@@ -529,7 +529,7 @@ def test_idle_frames_while_no_audio_arrives(media, tmp_path):
     assert len(idle) > 3 and any(h["next_index"] == 3 for h, _ in idle)
     assert last["idle"] == len(idle)
     # an idle frame is the source frame the swing points at, unchanged (up to JPEG)
-    from lipsync.frames import source_index
+    from lipsync.media.frames import source_index
     header, data = idle[0]
     j = source_index(header["next_index"] + IdleFrames.offset(0, 25), 20, "repeat")
     source = load_avatar(str(tmp_path / "avatars" / avatar_id), 96).source
@@ -615,7 +615,7 @@ def test_a_session_behind_its_audio_catches_up_in_larger_batches(media, tmp_path
     """Windows that wait for the generator (here: every call 50 ms slower, the audio sent at once in
     40 ms messages, one frame each) go to its next call together, up to MAX_GROUP: far fewer calls
     than frames, and the same frames."""
-    from lipsync.sessions import MAX_GROUP
+    from lipsync.serve.sessions import MAX_GROUP
 
     generator = media["gen"]
     sizes = []

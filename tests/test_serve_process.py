@@ -13,13 +13,13 @@ import pytest
 
 import audio
 from conftest import REFERENCE
-from lipsync.avatar import load_avatar
+from lipsync.render.avatar import load_avatar
 from media import make_face_video
 from serving import Server, tiny_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
-from lipsync.client import ClientError, pcm16, stream_audio  # noqa: E402
+from lipsync.serve.client import ClientError, pcm16, stream_audio  # noqa: E402
 
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
 BOX = "40 200 60 196"
@@ -207,8 +207,8 @@ def test_sigterm_restart_and_stream_client(assets, tmp_path):
         out = tmp_path / "streamed.mp4"
         assert stream_client.main([str(wav), "--avatar_id", avatar_id, "--url", again.url, "--outfile", str(out),
                                    "--chunk_ms", "40", "--speed", "4", "--quiet"]) == 0
-        from lipsync.media import probe_media
-        from lipsync.video import count_frames, probe_video
+        from lipsync.media.ffmpeg import probe_media
+        from lipsync.media.video import count_frames, probe_video
 
         assert count_frames(probe_video(str(out))) == audio.num_frames_for_audio(12000, 25.0)
         assert probe_media(str(out)).audio is not None

@@ -1,4 +1,4 @@
-"""The incremental mel (lipsync.streaming): columns and frame windows computed from audio arriving in
+"""The incremental mel (lipsync.render.streaming): columns and frame windows computed from audio arriving in
 pieces equal the offline ones, exactly (bit for bit), for any piece sizes; frames come out as soon
 as their window is final; the end completes the offline frame count."""
 import os
@@ -8,8 +8,8 @@ import pytest
 
 import audio
 from conftest import REFERENCE
-from lipsync.engine import windows_of
-from lipsync.streaming import FrameWindows, StreamError, StreamingMel, pcm16_to_float
+from lipsync.render.engine import windows_of
+from lipsync.render.streaming import FrameWindows, StreamError, StreamingMel, pcm16_to_float
 
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")  # 3.3 s of speech-like sound
 

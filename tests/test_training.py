@@ -17,8 +17,8 @@ import wav2lip_train
 import wloss_hq_wav2lip_train
 from conftest import REFERENCE, ROOT
 from hparams import get_hparams
-from lipsync import synthetic as S
-from lipsync.data import DatasetError, GeneratorDataset, SyncDataset
+from lipsync.train import synthetic as S
+from lipsync.train.data import DatasetError, GeneratorDataset, SyncDataset
 from models import cosine_sync_probability, load_model
 
 FAST = "eval_steps=1,eval_interval=2,syncnet_eval_interval=2,checkpoint_interval=100,batch_size=2,syncnet_batch_size=4"
@@ -109,7 +109,7 @@ def test_resume_mid_epoch_trains_what_an_uninterrupted_run_trains(data, tmp_path
 
 def test_cosine_learning_rate_schedule_resumes(data, tmp_path):
     from hparams import HParamsError
-    from lipsync.training import lr_factor
+    from lipsync.train.training import lr_factor
 
     hp = get_hparams("tiny", "lr_schedule=cosine,lr_decay_steps=4,lr_min_ratio=0.1")
     assert [round(lr_factor(s, hp), 4) for s in (0, 2, 4, 9)] == [1.0, 0.55, 0.1, 0.1]
@@ -139,7 +139,7 @@ def test_expert_best_checkpoint_by_validation_auc(data, tmp_path, monkeypatch):
     """syncnet_best_metric=auc: every evaluation reports the ROC AUC of its pairs, and checkpoint_best.pth
     is the step with the highest one (not the lowest loss); a resumed run keeps that best, and one
     resumed from a loss-selected checkpoint does not compare AUCs with its loss."""
-    from lipsync import trainers
+    from lipsync.train import trainers
 
     scripted = iter([0.6, 0.9, 0.7, 0.95, 0.5])            # AUCs of the evaluations at steps 2, 4, 6, ...
     real = trainers.ExpertTrainer.evaluate
@@ -303,7 +303,7 @@ def test_unknown_hparam_is_rejected(data, tmp_path):
 def test_prune_keeps_the_checkpoint_just_written(tmp_path):
     """A fresh run in a folder where an earlier run left higher steps keeps its own new checkpoint;
     latest_checkpoint names the highest step (what the demo resumes from)."""
-    from lipsync.training import latest_checkpoint, prune, step_path
+    from lipsync.train.training import latest_checkpoint, prune, step_path
 
     for step in (700, 750, 800):
         open(step_path(str(tmp_path), "", step), "wb").close()

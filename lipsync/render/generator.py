@@ -21,12 +21,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from lipsync.device import resolve_device
-from lipsync.errors import Wav2LipError
+from lipsync.core.device import resolve_device
+from lipsync.core.errors import Wav2LipError
 
 log = logging.getLogger(__name__)
 
-from lipsync.cli import PRECISIONS  # noqa: E402  (the flag and the library share one list)
+from lipsync.core.cli import PRECISIONS  # noqa: E402  (the flag and the library share one list)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Micro-batches tried on the CPU. Small batches keep activations in cache (8 frames ran ~20% faster per
@@ -344,7 +344,7 @@ class Generator:
 
     def decoder_output(self, mels: np.ndarray, feats: FaceFeatures) -> torch.Tensor:
         """(B, 80, 16) mel windows + face features -> (B, 3, S, S) faces in [0, 1], in the generator's
-        precision (the network after the face encoder; lipsync.onnx_model runs it in ONNX Runtime)."""
+        precision (the network after the face encoder; lipsync.render.onnx_model runs it in ONNX Runtime)."""
         x = self.model.audio_encoder(self.mel_tensor(mels))
         skips = list(feats)
         for block in self.model.face_decoder_blocks:

@@ -9,7 +9,7 @@
   ``GET /v1/avatars/{id}``, ``DELETE /v1/avatars/{id}`` (204; 409 while a session uses it).
 - ``POST /v1/lipsync`` (multipart ``avatar_id`` or ``face`` file, and ``audio`` file) -> video/mp4,
   what ``inference.py`` writes for that face and audio.
-- WebSocket ``/v1/stream?avatar_id=ID``: see :mod:`lipsync.sessions`.
+- WebSocket ``/v1/stream?avatar_id=ID``: see :mod:`lipsync.serve.sessions`.
 - ``/``: the web page (``lipsync/web/index.html``), ``/web/...``: its other files.
 
 Errors are JSON ``{"detail": message}``: 401 without the token (when the server has one), 404 for
@@ -39,12 +39,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.staticfiles import StaticFiles
 
-from lipsync.avatar import NO_BOX, Avatar, AvatarSettings
-from lipsync.avatar_store import AvatarInUse, AvatarNotFound, AvatarStore
-from lipsync.batching import Batcher
-from lipsync.errors import Wav2LipError
-from lipsync.generator import Generator
-from lipsync.sessions import CLOSE_GOING_AWAY, FrameSink, IdleFrames, StreamOptions, StreamSession
+from lipsync.render.avatar import NO_BOX, Avatar, AvatarSettings
+from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound, AvatarStore
+from lipsync.serve.batching import Batcher
+from lipsync.core.errors import Wav2LipError
+from lipsync.render.generator import Generator
+from lipsync.serve.sessions import CLOSE_GOING_AWAY, FrameSink, IdleFrames, StreamOptions, StreamSession
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def media_kinds(path: str) -> set:
     """What a file holds, judged by its content (not its name): {"image"} for a still photo, else
     the streams ffmpeg finds, a subset of {"video", "audio"} (empty: not media ffmpeg reads, or a
     container that is not a self-contained file: see :data:`UPLOAD_FORMATS`)."""
-    from lipsync.media import MediaError, image_signature, probe_media
+    from lipsync.media.ffmpeg import MediaError, image_signature, probe_media
 
     with open(path, "rb") as fh:
         if image_signature(fh.read(32)):
@@ -322,7 +322,7 @@ def media_limits(path: str, config: ServerConfig, what: str) -> None:
     """Refuse (ApiError 422) an uploaded face whose frames have more than ``max_frame_pixels`` pixels
     or that lasts more than ``max_avatar_seconds`` (``what`` "face"), or audio longer than
     ``max_audio_seconds`` (``what`` "audio"): a small file can otherwise decode to gigabytes."""
-    from lipsync.media import MediaError, probe_media
+    from lipsync.media.ffmpeg import MediaError, probe_media
 
     try:
         info = probe_media(path)
@@ -416,7 +416,7 @@ def warm_up_mel() -> None:
     import numpy as np
 
     import audio
-    from lipsync.streaming import FrameWindows
+    from lipsync.render.streaming import FrameWindows
 
     FrameWindows(25.0).push(np.zeros(audio.SAMPLE_RATE // 2, np.float32))  # 0.5 s: some columns are final
 
@@ -473,7 +473,7 @@ class _Uploads:
 
     def settings_for(self, face: str, box: Tuple[int, ...], fps: float) -> AvatarSettings:
         """The avatar settings inference.py uses for these flags (same defaults)."""
-        from lipsync.inference import InferenceConfig
+        from lipsync.render.inference import InferenceConfig
 
         return InferenceConfig(checkpoint_path=self.state.generator.checkpoint_path, face=face, audio="", box=box,
                                fps=fps, face_detector=self.config.face_detector,
@@ -582,7 +582,7 @@ def _lipsync_route(app, state: ServerState, uploads: _Uploads) -> None:
 
     @app.post("/v1/lipsync")
     async def lipsync(request: Request):
-        from lipsync.inference import InferenceConfig, run_inference
+        from lipsync.render.inference import InferenceConfig, run_inference
 
         config = state.config
         form = await uploads.form(request)  # read before taking a session slot: a slow upload holds none

@@ -1,7 +1,7 @@
 """The training loop shared by the four trainers: arguments, data, distributed setup, mixed precision,
 logging, evaluation, atomic checkpoints and exact resume.
 
-A trainer (see lipsync/trainers.py) says only what differs: its models and optimizers, one training
+A trainer (see lipsync/train/trainers.py) says only what differs: its models and optimizers, one training
 step, one evaluation step, and what it saves. Distributed training switches on from the launcher's
 environment (``torchrun``): one process per GPU (NCCL) or per CPU slot (gloo); rank 0 writes
 checkpoints and logs.
@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Sequential
 
 from hparams import (PRESETS, TRAINING_DEFAULT_PRESET, HParams, HParamsError, add_hparams_args, get_hparams,
                      preset_for_layout)
-from lipsync.cli import DEVICE_HELP, HelpFormatter
-from lipsync.device import DEVICE_CHOICES, resolve_device
-from lipsync.fileio import atomic_write
+from lipsync.core.cli import DEVICE_HELP, HelpFormatter
+from lipsync.core.device import DEVICE_CHOICES, resolve_device
+from lipsync.core.fileio import atomic_write
 
 log = logging.getLogger("train")
 
@@ -133,7 +133,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save ``obj`` to ``path`` through a temporary file (:func:`lipsync.fileio.atomic_write`)."""
+    """torch.save ``obj`` to ``path`` through a temporary file (:func:`lipsync.core.fileio.atomic_write`)."""
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
 
@@ -192,7 +192,7 @@ class Trainer:
 
     prefix = ""               # checkpoint file prefix
     script = ""               # the training script that runs this trainer (named in its first line)
-    dataset_cls = None        # lipsync.data.*Dataset
+    dataset_cls = None        # lipsync.train.data.*Dataset
     batch_size_key = "batch_size"
     lr_key = "initial_learning_rate"
     eval_interval_key = "eval_interval"
@@ -287,7 +287,7 @@ class Trainer:
         log.info("saved checkpoint at step %d%s", self.global_step, " (best)" if best else "")
 
     def loaders(self):
-        from lipsync.data import read_filelist
+        from lipsync.train.data import read_filelist
 
         train_clips = read_filelist(self.args.filelists_dir, "train", self.args.data_root)
         val_clips = read_filelist(self.args.filelists_dir, "val", self.args.data_root)
@@ -332,7 +332,7 @@ class Trainer:
         return []
 
     def run(self):
-        from lipsync.progress import progress_bar
+        from lipsync.core.progress import progress_bar
 
         self.setup()
         self.loaders()
@@ -497,7 +497,7 @@ def main_for(trainer_cls, description: str, argv=None, needs_expert=False, needs
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from lipsync.errors import run_main
+    from lipsync.core.errors import run_main
 
     def train() -> int:
         args.preset, source = choose_preset(args, needs_expert)

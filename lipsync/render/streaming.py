@@ -13,7 +13,7 @@ where a BLAS blocks the mel projection differently).
 needs columns ``int(80 k / fps)`` .. ``+ 15``, so it can be made once the audio reaches
 ``k / fps + 0.2 s`` (plus 25 ms of STFT half-window): that look-ahead is inherent to the model. At
 the end of the audio the reflect padding of the last columns and the clamped last windows complete
-the sequence: frames and windows are exactly those of :func:`lipsync.engine.windows_of` for the same
+the sequence: frames and windows are exactly those of :func:`lipsync.render.engine.windows_of` for the same
 samples.
 """
 from __future__ import annotations

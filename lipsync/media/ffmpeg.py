@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 ENV_FFMPEG = "WAV2LIP_FFMPEG"
 ENV_FFPROBE = "WAV2LIP_FFPROBE"

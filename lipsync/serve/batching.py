@@ -1,7 +1,7 @@
 """One generator shared by many concurrent renders: their generate calls go through it together.
 
 Each render (a streaming session) gets a ``generate`` function from :meth:`Batcher.generate_for`
-and calls it from its own thread, as :func:`lipsync.engine.render_windows` does. A single batching
+and calls it from its own thread, as :func:`lipsync.render.engine.render_windows` does. A single batching
 thread takes the first waiting request, waits a bounded time for the requests of the other sessions
 that have frames in flight, runs :meth:`Generator.generate` once on the concatenation, and hands
 each caller its rows back. One forward pass over N sessions' frames costs less than N passes (fewer
@@ -19,8 +19,8 @@ from typing import Callable, Hashable, List, Optional, Set
 
 import numpy as np
 
-from lipsync.engine import GenerateFn
-from lipsync.generator import Generator
+from lipsync.render.engine import GenerateFn
+from lipsync.render.generator import Generator
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Batcher:
         try:
             mels = np.concatenate([r.mels for r in batch])          # (sum B, 80, 16)
             # crops come as numpy arrays, or as device tensors from sessions that compose on the
-            # device (lipsync.gpu.TorchComposer); those want device tensors back
+            # device (lipsync.render.gpu.TorchComposer); those want device tensors back
             tensors = [not isinstance(r.faces, np.ndarray) for r in batch]
             if any(tensors):
                 import torch

@@ -9,10 +9,10 @@ binary JPEG; after the end ``{"type": "end", "frames": n, ...}``; a problem is `
 How a session runs:
 
 - The receiving coroutine turns each PCM message into mel windows as soon as they are final
-  (:class:`lipsync.streaming.FrameWindows`) and queues them for the render thread.
-- The render thread runs :func:`lipsync.engine.render_windows` (the one render path) on those
+  (:class:`lipsync.render.streaming.FrameWindows`) and queues them for the render thread.
+- The render thread runs :func:`lipsync.render.engine.render_windows` (the one render path) on those
   windows with a ``generate`` function that goes through the server's cross-session
-  :class:`lipsync.batching.Batcher`, encodes each frame as JPEG and posts it to the session's
+  :class:`lipsync.serve.batching.Batcher`, encodes each frame as JPEG and posts it to the session's
   :class:`Outbox`.
 - The sending coroutine writes the outbox to the socket.
 - While no audio arrives, an idle ticker sends ``{"type": "idle", ...}`` frames (see
@@ -40,12 +40,12 @@ import numpy as np
 import torch
 
 import audio
-from lipsync.avatar import Avatar
-from lipsync.engine import GenerateFn, render_windows
-from lipsync.errors import Wav2LipError
-from lipsync.frames import source_index
-from lipsync.pipeline import END, StageStopped
-from lipsync.streaming import FrameWindows, StreamError, pcm16_to_float
+from lipsync.render.avatar import Avatar
+from lipsync.render.engine import GenerateFn, render_windows
+from lipsync.core.errors import Wav2LipError
+from lipsync.media.frames import source_index
+from lipsync.core.pipeline import END, StageStopped
+from lipsync.render.streaming import FrameWindows, StreamError, pcm16_to_float
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class StreamOptions:
     keeps up must not lose).
     ``max_pending``: frames of audio received but not yet rendered before the socket is no longer read.
     ``max_message_bytes``: the largest PCM message accepted (default 1 s of audio). ``on_device``:
-    crop and paste on the generator's device (:class:`lipsync.gpu.TorchComposer`; None: on CUDA),
-    as :func:`lipsync.engine.render` does.
+    crop and paste on the generator's device (:class:`lipsync.render.gpu.TorchComposer`; None: on CUDA),
+    as :func:`lipsync.render.engine.render` does.
     """
 
     blend: str = "feather"
@@ -292,7 +292,7 @@ class StreamSession:
         try:
             composer = None
             if opts.on_device if opts.on_device is not None else self.device.type == "cuda":
-                from lipsync.gpu import TorchComposer
+                from lipsync.render.gpu import TorchComposer
 
                 composer = TorchComposer(self.avatar.img_size, opts.blend, self.device)
             frames = render_windows(self.generate, self.avatar, self._window_groups(), n_out=None, loop=opts.loop,

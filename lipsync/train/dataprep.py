@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from lipsync.errors import Wav2LipError
-from lipsync.fileio import atomic_write
+from lipsync.core.errors import Wav2LipError
+from lipsync.core.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def _video_or_reason(path: str) -> Optional[str]:
     """None when ``path`` is a video clip; else why not. Names with a video extension (any letter
     case) are clips without asking ffmpeg (a corrupt one fails later, with the reason); other
     names are decided by content."""
-    from lipsync.media import MediaError, probe_media
-    from lipsync.video import is_image_file
+    from lipsync.media.ffmpeg import MediaError, probe_media
+    from lipsync.media.video import is_image_file
 
     ext = os.path.splitext(path)[1].lower()
     if ext in VIDEO_EXTENSIONS:
@@ -255,7 +255,7 @@ def hq_path(raw_path: str) -> str:
 
 
 def enhance_builtin(src: str, dst: str) -> int:
-    from lipsync.video import VideoWriter, iter_frames, probe_video
+    from lipsync.media.video import VideoWriter, iter_frames, probe_video
 
     info = probe_video(src)
     enhancer = BuiltinEnhancer()
@@ -273,7 +273,7 @@ def codeformer_command(codeformer_dir: str, src: str, out_dir: str) -> List[str]
 
 def enhance_codeformer(src: str, dst: str, codeformer_dir: str) -> int:
     """Run CodeFormer from the user's checkout on ``src``, then put the clip's audio back."""
-    from lipsync.video import VideoError, count_frames, mux_audio, probe_video
+    from lipsync.media.video import VideoError, count_frames, mux_audio, probe_video
 
     script = os.path.join(codeformer_dir, "inference_codeformer.py")
     if not os.path.isfile(script):
@@ -312,7 +312,7 @@ def run_parallel(fn, jobs: list, workers: int):
 def enhance_job(args: Tuple[str, str, Optional[str], Optional[str]]) -> Tuple[str, Optional[str], int]:
     """(raw path, error or None, frames) of one clip ``(src, enhancer, codeformer_dir, ffmpeg)``,
     for a process pool."""
-    from lipsync.media import use_ffmpeg
+    from lipsync.media.ffmpeg import use_ffmpeg
 
     src, enhancer, codeformer_dir, ffmpeg = args
     dst = hq_path(src)
@@ -350,7 +350,7 @@ def read_done(clip_dir: str) -> dict:
 def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
     """Face crops, audio and mel of one clip, written to ``out_dir`` atomically (via a .partial dir)."""
     import audio
-    from lipsync.video import iter_frames, probe_video
+    from lipsync.media.video import iter_frames, probe_video
 
     partial = out_dir + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -362,7 +362,7 @@ def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
         if not info.has_audio:
             raise ValueError("the video has no audio track")
         # the audio and the frames below are both on the file's timeline: frame k pairs with the
-        # audio at k / 25 s even when one stream starts later than the other (lipsync.media)
+        # audio at k / 25 s even when one stream starts later than the other (lipsync.media.ffmpeg)
         mel = write_audio_and_mel(audio.load_wav(src, audio.SAMPLE_RATE), os.path.join(partial, "audio.wav"),
                                   os.path.join(partial, "mel.npy"))
         frames = faces = 0

@@ -12,8 +12,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from lipsync.errors import Wav2LipError
-from lipsync.video import is_image_path, iter_frames, probe_video, read_image
+from lipsync.core.errors import Wav2LipError
+from lipsync.media.video import is_image_path, iter_frames, probe_video, read_image
 
 BACKWARD_SEGMENT = 32  # frames decoded at a time when playing the video backwards (pingpong)
 LOOP_MODES = ("repeat", "pingpong")
@@ -58,7 +58,7 @@ class FaceSource:
     ``fps`` is the video's own rate (for a photo: the ``fps`` argument, frames/s). With ``static``
     (or a photo) the source is its first frame only. ``kind`` ("image" or "video") skips deciding
     what the file is. Raises FrameSourceError for a missing file and
-    VideoError (from :mod:`lipsync.video`) for one ffmpeg cannot read.
+    VideoError (from :mod:`lipsync.media.video`) for one ffmpeg cannot read.
     """
 
     def __init__(self, path: str, fps: float = 25.0, static: bool = False,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipsync.blending import COLOUR_FIT_SIZE, Blender, apply_colour
+from lipsync.render.blending import COLOUR_FIT_SIZE, Blender, apply_colour
 
 Coords = Tuple[int, int, int, int]
 

@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 
 from hparams import SAMPLE_RATE as SR
-from lipsync.errors import Wav2LipError
-from lipsync.fileio import atomic_write
+from lipsync.core.errors import Wav2LipError
+from lipsync.core.fileio import atomic_write
 
 FPS = 25.0
 FRAME_SIZE = 256
@@ -349,7 +349,7 @@ def write_clip(path: str, ident: Identity, wav: np.ndarray, fps: float = FPS, ex
     import tempfile
 
     import audio
-    from lipsync.video import VideoWriter
+    from lipsync.media.video import VideoWriter
 
     n = audio.num_frames_for_audio(len(wav), fps)
     opening, width = mouth_track(wav, n, fps)
@@ -393,7 +393,7 @@ def write_preprocessed(root: str, groups: int = 4, seconds: float = 1.2, seed: i
     """The preprocess.py output contract, written straight from the renderer (crops at the truth
     boxes, no detector): a fast fixture for training tests and benchmarks. Returns ``group/clip``s."""
     import audio
-    from lipsync.dataprep import DONE, write_audio_and_mel, write_json_atomic
+    from lipsync.train.dataprep import DONE, write_audio_and_mel, write_json_atomic
 
     rng = np.random.default_rng(seed)
     clips = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

@@ -1,8 +1,8 @@
 """Lip-sync a face video (or photo) to one or more audio tracks: what ``inference.py`` runs.
 
-A short composition of the engine's pieces: load the generator once (:mod:`lipsync.generator`),
-prepare the face once or load a saved avatar (:mod:`lipsync.avatar`), then for each audio render the
-frames (:mod:`lipsync.engine`) straight into the encoder (:class:`lipsync.video.VideoWriter`).
+A short composition of the engine's pieces: load the generator once (:mod:`lipsync.render.generator`),
+prepare the face once or load a saved avatar (:mod:`lipsync.render.avatar`), then for each audio render the
+frames (:mod:`lipsync.render.engine`) straight into the encoder (:class:`lipsync.media.video.VideoWriter`).
 Memory does not grow with the video's length.
 
 With ``blend="none"`` and ``loop="repeat"`` (parity mode) the frames are those of the published
@@ -21,16 +21,16 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 import audio
-from lipsync.avatar import (Avatar, AvatarSettings, check_save_target, load_avatar, prepare_avatar, save_avatar)
-from lipsync.boxes import DetectionCache, DetectionSettings
-from lipsync.device import resolve_device
-from lipsync.engine import count_missing, frame_count, render
-from lipsync.errors import Wav2LipError
-from lipsync.frames import LOOP_MODES, FrameTransform
-from lipsync.generator import Generator
-from lipsync.pipeline import Timings
-from lipsync.progress import progress_bar
-from lipsync.video import VideoWriter
+from lipsync.render.avatar import (Avatar, AvatarSettings, check_save_target, load_avatar, prepare_avatar, save_avatar)
+from lipsync.render.boxes import DetectionCache, DetectionSettings
+from lipsync.core.device import resolve_device
+from lipsync.render.engine import count_missing, frame_count, render
+from lipsync.core.errors import Wav2LipError
+from lipsync.media.frames import LOOP_MODES, FrameTransform
+from lipsync.render.generator import Generator
+from lipsync.core.pipeline import Timings
+from lipsync.core.progress import progress_bar
+from lipsync.media.video import VideoWriter
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ ENCODERS = ("auto", "libx264", "h264_nvenc")
 def encoder_for(name: str, device=None) -> str:
     """The H.264 encoder: ``auto`` is ``h264_nvenc`` on a CUDA device when this ffmpeg has it, else
     ``libx264``. Raises InferenceError when a named encoder is missing from this ffmpeg."""
-    from lipsync.media import has_encoder
+    from lipsync.media.ffmpeg import has_encoder
 
     if name not in ENCODERS:
         raise InferenceError(f"--encoder must be one of {ENCODERS}, got {name!r}")
@@ -195,7 +195,7 @@ def load_generator(cfg: InferenceConfig) -> Generator:
     precision = "fp16" if cfg.half and cfg.precision == "auto" else cfg.precision
     if precision == "auto" and cfg.parity:
         precision = "fp32"
-    from lipsync.onnx_model import open_generator
+    from lipsync.render.onnx_model import open_generator
 
     return open_generator(cfg.checkpoint_path, device=resolve_device(cfg.device), precision=precision,
                           threads=cfg.threads, face_cache_mb=cfg.face_cache_mb)

@@ -1,7 +1,7 @@
 """ONNX export of the generator and the expert, and the generator run by ONNX Runtime.
 
 Export (``export_onnx.py``): the model of a checkpoint, batch norm folded into the convolutions as
-the torch :class:`~lipsync.generator.Generator` runs it, traced with the TorchScript exporter at
+the torch :class:`~lipsync.render.generator.Generator` runs it, traced with the TorchScript exporter at
 opset :data:`OPSET` with a dynamic batch axis; the file records what it holds (``kind``,
 ``img_size``, ``width``) in its metadata, passes ``onnx.checker`` and is compared with torch.
 
@@ -26,9 +26,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from lipsync.errors import Wav2LipError
-from lipsync.fileio import atomic_write
-from lipsync.generator import CPU_MICRO_BATCHES, CpuTuner, FaceFeatures, Generator, PrecisionError
+from lipsync.core.errors import Wav2LipError
+from lipsync.core.fileio import atomic_write
+from lipsync.render.generator import CPU_MICRO_BATCHES, CpuTuner, FaceFeatures, Generator, PrecisionError
 
 OPSET = 17  # ONNX Runtime >= 1.14, TensorRT >= 8.6 and OpenVINO >= 2023.0 run it
 # onnx Runtime and torch agree to about 1e-6 on these models in fp32; 1e-4 leaves room for the
@@ -126,7 +126,7 @@ def max_abs_difference(onnx_path: str, checkpoint_path: str, inputs: Sequence[np
 
 class OnnxGenerator(Generator):
     """An exported generator (``export_onnx.py``) run by ONNX Runtime on the CPU, with the public
-    methods of :class:`~lipsync.generator.Generator`.
+    methods of :class:`~lipsync.render.generator.Generator`.
 
     The whole network is one ONNX graph, so :meth:`encode_faces` only prepares the (B, 6, S, S)
     input and :meth:`decode` runs the graph: there is no face-feature cache (``bank`` is None).

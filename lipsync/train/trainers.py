@@ -7,8 +7,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from lipsync.data import GeneratorDataset, SyncDataset
-from lipsync.training import Trainer, load_training_checkpoint, unwrap
+from lipsync.train.data import GeneratorDataset, SyncDataset
+from lipsync.train.training import Trainer, load_training_checkpoint, unwrap
 from models import build_disc, build_expert, build_generator, cosine_sync_probability, load_model
 
 log = logging.getLogger("train")
@@ -69,7 +69,7 @@ class ExpertTrainer(Trainer):
     def evaluate(self, writer=None):
         """The shared means (loss, accuracy) plus ``auc``: the ROC AUC of every validation pair scored
         (in sync vs >= 5 frames off; with DDP, the mean of each process's AUC)."""
-        from lipsync.metrics import roc_auc
+        from lipsync.eval.metrics import roc_auc
 
         self._scored = []
         metrics = super().evaluate(writer)

@@ -1,9 +1,9 @@
 """The server's avatars: folders under one directory, named by server-made ids, loaded once and shared.
 
-Each avatar is an avatar folder (:mod:`lipsync.avatar`) at ``<root>/<id>``, ``id`` 16 lowercase hex
+Each avatar is an avatar folder (:mod:`lipsync.render.avatar`) at ``<root>/<id>``, ``id`` 16 lowercase hex
 digits made by the server. Any other name (``../..``, an absolute path, a typo) is "not found":
 no path built from a client's string ever reaches the file system. A folder appears complete or not
-at all (:func:`lipsync.avatar.save_avatar` writes a hidden ``.partial`` folder and renames it);
+at all (:func:`lipsync.render.avatar.save_avatar` writes a hidden ``.partial`` folder and renames it);
 leftovers of an interrupted run (``.partial``, ``.old``, ``.deleting`` folders, ``.staging``) are
 removed at start and at shutdown. Folders survive restarts: the store lists what is on disk.
 """
@@ -19,9 +19,9 @@ import threading
 from collections import Counter, OrderedDict
 from typing import Callable, Dict, List, Optional
 
-from lipsync.avatar import (Avatar, AvatarError, AvatarSettings, load_avatar, prepare_avatar, read_avatar_meta,
+from lipsync.render.avatar import (Avatar, AvatarError, AvatarSettings, load_avatar, prepare_avatar, read_avatar_meta,
                             save_avatar)
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 log = logging.getLogger(__name__)
 

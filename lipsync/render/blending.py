@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order
 BLEND_MODES = ("feather", "none")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import audio
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 FPS = 25.0
 SR = audio.SAMPLE_RATE
@@ -253,9 +253,9 @@ def read_video_for_scoring(path: str, detector="lbp", box: Optional[Sequence[int
     """Decode at 25 fps, find the face in every frame (or use ``box`` = x1 y1 x2 y2), and keep only
     what the scorers need (the crops), so long videos fit in memory. ``detector``: a FaceDetector or
     a backend name."""
-    from lipsync.progress import progress_bar
+    from lipsync.core.progress import progress_bar
 
-    from lipsync.video import VideoError, iter_frames, probe_video
+    from lipsync.media.video import VideoError, iter_frames, probe_video
 
     try:
         info = probe_video(path)
@@ -379,7 +379,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare_videos(path: str, reference: str) -> dict:
     """Mean PSNR (dB) and SSIM over the frames both videos have, at 25 fps, frame by frame."""
-    from lipsync.video import VideoError, iter_frames, probe_video
+    from lipsync.media.video import VideoError, iter_frames, probe_video
 
     try:
         a_info, b_info = probe_video(path), probe_video(reference)

@@ -17,7 +17,7 @@ import numpy as np
 
 
 import face_detection
-from lipsync.fileio import atomic_write
+from lipsync.core.fileio import atomic_write
 from face_detection import DEFAULT_S3FD_PATH, box_iou
 
 Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 import audio
 from hparams import HParams
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Clip:
 
 
 def _load_mel(clip_dir: str, hp: HParams) -> np.ndarray:
-    from lipsync.dataprep import load_clip_mel
+    from lipsync.train.dataprep import load_clip_mel
 
     return load_clip_mel(clip_dir, hp)  # the cache only when it was made with hp's audio front end
 

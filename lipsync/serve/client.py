@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 import audio
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 
 class ClientError(Wav2LipError, RuntimeError):

@@ -23,14 +23,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from lipsync.blending import Blender
-from lipsync.boxes import (Coords, DetectionCache, DetectionSettings, FaceFinder, array_to_boxes,
+from lipsync.render.blending import Blender
+from lipsync.render.boxes import (Coords, DetectionCache, DetectionSettings, FaceFinder, array_to_boxes,
                            coords_from_detections, dets_to_array)
-from lipsync.errors import Wav2LipError
-from lipsync.frames import FaceSource, FrameTransform, frames_by_index, output_order
-from lipsync.pipeline import Timings
-from lipsync.progress import progress_bar
-from lipsync.fileio import current_umask
+from lipsync.core.errors import Wav2LipError
+from lipsync.media.frames import FaceSource, FrameTransform, frames_by_index, output_order
+from lipsync.core.pipeline import Timings
+from lipsync.core.progress import progress_bar
+from lipsync.core.fileio import current_umask
 
 AVATAR_FORMAT = "wav2lip-avatar"
 AVATAR_VERSION = 2  # 2: avatar.json carries its own checksum ("meta_sha256")

@@ -15,10 +15,10 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 import audio
-from lipsync.avatar import Avatar
-from lipsync.errors import Wav2LipError
-from lipsync.generator import Generator
-from lipsync.pipeline import Timings, prefetch
+from lipsync.render.avatar import Avatar
+from lipsync.core.errors import Wav2LipError
+from lipsync.render.generator import Generator
+from lipsync.core.pipeline import Timings, prefetch
 
 # generate(mels (B, 80, 16) float32, faces (B, S, S, 3) uint8, keys) -> (B, S, S, 3) uint8
 GenerateFn = Callable[[np.ndarray, np.ndarray, Optional[list]], np.ndarray]
@@ -70,7 +70,7 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "r
     micro-batches; frames in flight are bounded by about twice this). ``cache_faces``: keep the
     face features of source frames for reuse (default: when the audio outlasts the avatar's video,
     so frames repeat). ``on_device``: crop, resize and paste on the generator's device
-    (:class:`lipsync.gpu.TorchComposer`; default: on CUDA).
+    (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA).
     """
     n_out = frame_count(wav, avatar.fps)
     mel = mel_for(wav)
@@ -81,7 +81,7 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "r
         batch_size = min(batch_size, 32)  # the CPU runs micro-batches anyway; keep 720p frames in flight few
     composer = None
     if on_device if on_device is not None else generator.device.type == "cuda":
-        from lipsync.gpu import TorchComposer
+        from lipsync.render.gpu import TorchComposer
 
         composer = TorchComposer(avatar.img_size, blend, generator.device)
     return render_windows(generate_with(generator, as_tensor=composer is not None), avatar,
@@ -97,7 +97,7 @@ def render_windows(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.nda
     Source frames are decoded in a thread; generation runs ``ahead`` groups in front of the paste in
     another, so decoding, the generator and the caller (an encoder, a socket) overlap. ``n_out``:
     the total when known (None: as many as the groups bring). ``composer``: a
-    :class:`lipsync.gpu.TorchComposer` crops and pastes whole groups on the device (then
+    :class:`lipsync.render.gpu.TorchComposer` crops and pastes whole groups on the device (then
     ``generate`` must return faces as a device tensor); without it OpenCV does it per frame.
     """
     timings = timings or Timings()
@@ -173,7 +173,7 @@ def count_missing(avatar: Avatar, n_out: int, loop: str) -> int:
     missing = set(avatar.missing())
     if not missing:
         return 0
-    from lipsync.frames import source_index
+    from lipsync.media.frames import source_index
 
     n = avatar.n_frames
     return sum(1 for i in range(n_out) if source_index(i, n, loop) in missing)

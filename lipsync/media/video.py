@@ -1,9 +1,9 @@
 """Video I/O through ffmpeg pipes: probe, stream BGR frames in, stream BGR frames + audio out.
 
 Every ffmpeg call is an argument list and names files as ``file:<absolute path>``
-(:func:`lipsync.media.ffmpeg_path`), so any file name is safe. Frames are streamed: memory does not
+(:func:`lipsync.media.ffmpeg.ffmpeg_path`), so any file name is safe. Frames are streamed: memory does not
 depend on the video's length. Frames and audio are on the file's timeline (see
-:mod:`lipsync.media`): frame ``k`` is the picture shown ``k / rate`` s after the file's start, and
+:mod:`lipsync.media.ffmpeg`): frame ``k`` is the picture shown ``k / rate`` s after the file's start, and
 the audio :class:`VideoWriter` muxes from ``audio_path`` is the audio ``audio.load_wav`` returns
 for that file, so the sound of a written video is the sound its frames were made for.
 """
@@ -19,8 +19,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from lipsync.fileio import atomic_write, finish_partial, partial_path
-from lipsync.media import (MediaError, MediaInfo, Rate, audio_input_args, ffmpeg_command, ffmpeg_exe,  # noqa: F401
+from lipsync.core.fileio import atomic_write, finish_partial, partial_path
+from lipsync.media.ffmpeg import (MediaError, MediaInfo, Rate, audio_input_args, ffmpeg_command,
                            ffmpeg_path, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
                            video_timeline_filters)
 
