@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 Box = Tuple[int, int, int, int]
 

@@ -14,7 +14,7 @@ import torch
 
 from .syncnet import SyncNet_color
 from .wav2lip import Wav2Lip, Wav2Lip_disc_qual
-from lipsync.errors import Wav2LipError
+from lipsync.core.errors import Wav2LipError
 
 KINDS = {
     "generator": ("Wav2Lip generator (e.g. wav2lip.pth, wav2lip_gan.pth)", Wav2Lip),
