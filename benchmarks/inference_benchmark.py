@@ -255,7 +255,8 @@ def child_precision(opts: dict) -> dict:
     """A trained generator's frames in bf16 against fp32 on the same input (box given, hard paste so
     only the generator differs)."""
     import audio
-    from lipsync.render.avatar import AvatarSettings, prepare_avatar
+    from lipsync.render.avatar import prepare_avatar
+    from lipsync.render.avatar_settings import AvatarSettings
     from lipsync.render.engine import render
     from lipsync.render.generator import Generator
 

@@ -12,7 +12,8 @@ import torch
 import audio
 import inference
 from conftest import REFERENCE, ROOT, reproducible_generator
-from lipsync.render.avatar import AvatarSettings, load_avatar, prepare_avatar
+from lipsync.render.avatar import load_avatar, prepare_avatar
+from lipsync.render.avatar_settings import AvatarSettings
 from lipsync.render.boxes import DetectionSettings, FaceFinder
 from lipsync.render.engine import render
 from lipsync.render.generator import CpuTuner, Generator, cpu_capabilities, resolve_precision

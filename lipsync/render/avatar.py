@@ -17,63 +17,28 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from lipsync.render.blending import Blender
-from lipsync.render.boxes import (Coords, DetectionCache, DetectionSettings, FaceFinder, array_to_boxes,
-                           coords_from_detections, dets_to_array)
+from lipsync.render.boxes import (Coords, DetectionCache, FaceFinder, array_to_boxes, coords_from_detections,
+                                  dets_to_array)
 from lipsync.core.errors import Wav2LipError
-from lipsync.media.frames import FaceSource, FrameTransform, frames_by_index, output_order
+from lipsync.media.frames import FaceSource, frames_by_index, output_order
 from lipsync.core.pipeline import Timings
 from lipsync.core.progress import progress_bar
 from lipsync.core.fileio import current_umask
+from lipsync.render.avatar_settings import AvatarSettings
+from lipsync.render.settings import NO_BOX
 
 AVATAR_FORMAT = "wav2lip-avatar"
 AVATAR_VERSION = 2  # 2: avatar.json carries its own checksum ("meta_sha256")
-NO_BOX = (-1, -1, -1, -1)
 
 
 class AvatarError(Wav2LipError, ValueError):
     """An avatar that cannot be prepared, or a folder that cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class AvatarSettings:
-    """Everything that decides an avatar's frames and boxes (the inference flags of the same names).
-
-    ``fps``: frames/s of a photo; ``static``: use only the first frame; ``pads``: (top, bottom, left,
-    right) pixels added to each detected box; ``nosmooth``: no 5-frame box smoothing; ``box``: a fixed
-    (top, bottom, left, right) box for every frame ((-1, -1, -1, -1): detect).
-    """
-
-    fps: float = 25.0
-    static: bool = False
-    transform: FrameTransform = FrameTransform()
-    pads: Tuple[int, int, int, int] = (0, 10, 0, 0)
-    nosmooth: bool = False
-    box: Tuple[int, int, int, int] = NO_BOX
-    detection: DetectionSettings = DetectionSettings()
-
-    def record(self) -> dict:
-        """The settings as avatar.json records and compares them (detector weights by name and size)."""
-        d = {"fps": self.fps, "static": self.static, "resize_factor": self.transform.resize_factor,
-             "rotate": self.transform.rotate, "crop": list(self.transform.crop), "pads": list(self.pads),
-             "nosmooth": self.nosmooth, "box": list(self.box)}
-        if tuple(self.box) == NO_BOX:
-            det = self.detection
-            d.update(face_detector=det.detector, det_scale=det.scale, det_every=det.every,
-                     det_jump_iou=det.jump_iou, detector_weights=det.identity()[4:])
-        return d
-
-
-FLAG_OF = {"fps": "--fps", "static": "--static", "resize_factor": "--resize_factor", "rotate": "--rotate",
-           "crop": "--crop", "pads": "--pads", "nosmooth": "--nosmooth", "box": "--box",
-           "face_detector": "--face_detector", "det_scale": "--det_scale", "det_every": "--det_every",
-           "det_jump_iou": "--det_jump_iou", "detector_weights": "--s3fd_path", "img_size": "the checkpoint"}
 
 
 class Avatar:
@@ -394,7 +359,7 @@ def check_avatar_settings(meta: dict, folder: str, img_size: int, wanted: Option
     recorded = meta["settings"]
     for name, value in (wanted or {}).items():
         if name in recorded and _norm(recorded[name]) != _norm(value):
-            raise AvatarError(f"avatar {folder!r} was prepared with {FLAG_OF.get(name, name)} {recorded[name]!r}, "
+            raise AvatarError(f"avatar {folder!r} was prepared with --{name} {recorded[name]!r}, "
                               f"not {value!r}; use its settings (leave the flag out) or " + _remake_hint(folder, meta))
 
 
@@ -404,15 +369,10 @@ def _norm(v):
 
 
 def settings_from_record(rec: dict) -> AvatarSettings:
-    """The :class:`AvatarSettings` an avatar.json records (detector weights path not kept)."""
+    """The :class:`AvatarSettings` an avatar.json records (detector weights path not kept; with a
+    fixed box, the published detection)."""
     try:
-        det = DetectionSettings(detector=rec.get("face_detector", "sfd"), scale=float(rec.get("det_scale", 1.0)),
-                                every=int(rec.get("det_every", 1)), jump_iou=float(rec.get("det_jump_iou", 0.7)))
-        settings = AvatarSettings(fps=float(rec["fps"]), static=bool(rec["static"]),
-                              transform=FrameTransform(int(rec["resize_factor"]), bool(rec["rotate"]),
-                                                       tuple(int(v) for v in rec["crop"])),
-                              pads=tuple(int(v) for v in rec["pads"]), nosmooth=bool(rec["nosmooth"]),
-                              box=tuple(int(v) for v in rec["box"]), detection=det)
+        settings = AvatarSettings.from_record(rec)
     except (KeyError, TypeError, ValueError) as exc:
         raise AvatarError(f"avatar settings are damaged ({exc})") from None
     if not (math.isfinite(settings.fps) and settings.fps > 0):

@@ -19,6 +19,7 @@ import numpy as np
 import face_detection
 from lipsync.core.fileio import atomic_write
 from face_detection import DEFAULT_S3FD_PATH, box_iou
+from lipsync.render.settings import DEFAULTS
 
 Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order
 Det = Optional[Tuple[int, int, int, int]]  # (x1, y1, x2, y2) or None
@@ -34,15 +35,16 @@ class DetectionSettings:
     and detect every frame of a gap whose end boxes overlap less than ``jump_iou`` (a cut, a fast
     move, or a keyframe where a jittery detector is off) or where a face appears or vanishes. On
     the demo's clips with lbp (box centres against the known boxes): every frame 3.7 px mean / 13.4
-    px worst; every 5th with 0.7 3.7 / 11.4 px at 0.27 detections per frame; with 0.5 4.0 / 20.6 px.
-    ``every=1, scale=1`` is the published detection."""
+    px worst; every 5th with ``--det_jump_iou``'s default 3.7 / 11.4 px at 0.27 detections per frame;
+    with 0.5 4.0 / 20.6 px. ``every=1, scale=1`` (the defaults here) is the published detection; the
+    other defaults are the flags' (:mod:`lipsync.render.settings`)."""
 
-    detector: str = "sfd"
-    s3fd_path: Optional[str] = None
-    batch_size: int = 16
+    detector: str = DEFAULTS["face_detector"]
+    s3fd_path: Optional[str] = DEFAULTS["s3fd_path"]
+    batch_size: int = DEFAULTS["face_det_batch_size"]
     scale: float = 1.0
     every: int = 1
-    jump_iou: float = 0.7
+    jump_iou: float = DEFAULTS["det_jump_iou"]
     half: bool = False  # S3FD in fp16 (CUDA)
 
     def resolved_scale(self, frame_hw: Tuple[int, int]) -> float:

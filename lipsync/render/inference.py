@@ -5,8 +5,8 @@ prepare the face once or load a saved avatar (:mod:`lipsync.render.avatar`), the
 frames (:mod:`lipsync.render.engine`) straight into the encoder (:class:`lipsync.media.video.VideoWriter`).
 Memory does not grow with the video's length.
 
-With ``blend="none"`` and ``loop="repeat"`` (parity mode) the frames are those of the published
-script: every frame detected at full size, fp32, hard paste, video cycled from the start; the output
+With ``preset="published"``, or ``blend="none"`` and ``loop="repeat"`` (parity mode), the frames are
+those of the published script: every frame detected at full size, fp32, hard paste, video cycled from the start; the output
 also runs to the end of the audio, where the published script stops a frame or two early.
 """
 from __future__ import annotations
@@ -21,80 +21,63 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 import audio
-from lipsync.render.avatar import (Avatar, AvatarSettings, check_save_target, load_avatar, prepare_avatar, save_avatar)
-from lipsync.render.boxes import DetectionCache, DetectionSettings
+from lipsync.render.avatar import Avatar, check_save_target, load_avatar, prepare_avatar, save_avatar
+from lipsync.render.avatar_settings import AvatarSettings, settings_from_flags
+from lipsync.render.boxes import DetectionCache
 from lipsync.core.device import resolve_device
 from lipsync.render.engine import count_missing, frame_count, render
 from lipsync.core.errors import Wav2LipError
-from lipsync.media.frames import LOOP_MODES, FrameTransform
+from lipsync.core.settings import settings_dataclass
 from lipsync.render.generator import Generator
 from lipsync.core.pipeline import Timings
 from lipsync.core.progress import progress_bar
+from lipsync.render.settings import ENCODERS, INFERENCE, SETTINGS, is_published, with_preset
 from lipsync.media.video import VideoWriter
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DET_EVERY = 5  # outside parity mode: detect every 5th frame, interpolate, re-detect on jumps
 
 
 class InferenceError(Wav2LipError, ValueError):
     """Input that inference cannot use; the message says what to change."""
 
 
-@dataclass
+@settings_dataclass(INFERENCE)
 class InferenceConfig:
-    """The flags of ``inference.py`` (same names and defaults). ``det_scale=0`` and ``det_every=None``
-    mean auto (full size and every frame in parity mode; else a copy with its shorter side at most
-    480 px, every 5th frame); ``precision="auto"`` is fp32 in parity mode."""
+    """The flags of ``inference.py``: after the fields below, one field per setting of
+    :data:`lipsync.render.settings.INFERENCE` (same names and defaults). ``det_scale=0`` and
+    ``det_every=None`` mean auto (full size and every frame in parity mode; else a copy with its
+    shorter side at most 480 px, every 5th frame); ``precision="auto"`` is fp32 in parity mode.
+    ``preset`` fills in its flags (``"published"``: ``blend="none"``, ``loop="repeat"``); raises
+    SettingError where another value contradicts it."""
 
     checkpoint_path: str
-    face: Optional[str]
     audio: str
-    outfile: str = "results/result_voice.mp4"
-    static: bool = False
-    fps: float = 25.0
-    pads: Sequence[int] = (0, 10, 0, 0)
-    face_det_batch_size: int = 16
-    wav2lip_batch_size: int = 128
-    resize_factor: int = 1
-    crop: Sequence[int] = (0, -1, 0, -1)
-    box: Sequence[int] = (-1, -1, -1, -1)
-    rotate: bool = False
-    nosmooth: bool = False
-    face_detector: str = "sfd"
-    s3fd_path: Optional[str] = None
-    det_scale: float = 0.0
-    det_every: Optional[int] = None
-    det_jump_iou: float = 0.7
-    device: str = "auto"
-    blend: str = "feather"
-    loop: str = "repeat"
-    on_missing_face: str = "passthrough"
-    det_cache_dir: Optional[str] = None
-    precision: str = "auto"
-    threads: Optional[int] = None
-    half: bool = False  # the earlier flag: same as precision="fp16"
-    avatar: Optional[str] = None
-    save_avatar: Optional[str] = None
     avatar_settings_given: Optional[dict] = None  # with ``avatar``: settings the user set explicitly
-    encoder: str = "auto"
-    face_cache_mb: float = 512
     progress: bool = True
+
+    def __post_init__(self):
+        for name, value in with_preset(self.flags()).items():
+            setattr(self, name, value)
+
+    def flags(self) -> dict:
+        """The values of the settings' fields, by name."""
+        return {s.name: getattr(self, s.name) for s in INFERENCE if s.field}
 
     @property
     def parity(self) -> bool:
-        return self.blend == "none" and self.loop == "repeat"
+        """Parity mode: ``preset="published"``, or ``blend="none"`` and ``loop="repeat"``."""
+        return is_published(self.flags())
+
+    @property
+    def generator_precision(self) -> str:
+        """The precision the generator is asked for: fp16 with ``half``, fp32 for auto in parity
+        mode, else ``precision`` (auto: chosen for the device)."""
+        precision = "fp16" if self.half and self.precision == "auto" else self.precision
+        return "fp32" if precision == "auto" and self.parity else precision
 
     def avatar_settings(self) -> AvatarSettings:
-        every = self.det_every if self.det_every is not None else (1 if self.parity else DEFAULT_DET_EVERY)
-        scale = self.det_scale if self.det_scale > 0 else (1.0 if self.parity else 0.0)
-        det = DetectionSettings(detector=self.face_detector, s3fd_path=self.s3fd_path,
-                                batch_size=self.face_det_batch_size, scale=scale, every=every,
-                                jump_iou=self.det_jump_iou,
-                                half=not self.parity and (self.precision in ("fp16", "auto") or self.half))
-        return AvatarSettings(fps=float(self.fps), static=self.static,
-                              transform=FrameTransform(self.resize_factor, self.rotate, tuple(self.crop)),
-                              pads=tuple(self.pads), nosmooth=self.nosmooth, box=tuple(self.box), detection=det)
+        """What decides the face's frames and boxes (see :func:`settings_from_flags`)."""
+        return settings_from_flags(self.flags())
 
 
 @dataclass
@@ -123,8 +106,6 @@ class InferenceSummary:
                 f"({self.frames / total if total else 0:.1f} fps)")
 
 
-ENCODERS = ("auto", "libx264", "h264_nvenc")
-
 
 def encoder_for(name: str, device=None) -> str:
     """The H.264 encoder: ``auto`` is ``h264_nvenc`` on a CUDA device when this ffmpeg has it, else
@@ -144,12 +125,12 @@ def encoder_for(name: str, device=None) -> str:
 # ------------------------------------------------------------------------------------------------
 def validate(cfg: InferenceConfig) -> None:
     """Flag values that cannot work; raises InferenceError naming the flag."""
-    if cfg.blend not in ("feather", "none"):
-        raise InferenceError(f"--blend must be feather or none, got {cfg.blend!r}")
-    if cfg.loop not in LOOP_MODES:
-        raise InferenceError(f"--loop must be repeat or pingpong, got {cfg.loop!r}")
-    if cfg.on_missing_face not in ("passthrough", "fail"):
-        raise InferenceError(f"--on_missing_face must be passthrough or fail, got {cfg.on_missing_face!r}")
+    # the other choices are checked where they are used (a --device such as cuda:1 is not a choice)
+    for name in ("blend", "loop", "on_missing_face", "preset"):
+        value, choices = getattr(cfg, name), SETTINGS[name].choices
+        if value not in choices and value != SETTINGS[name].default:
+            raise InferenceError(f"--{name} must be {', '.join(choices[:-1]) + ' or ' if choices[1:] else ''}"
+                                 f"{choices[-1]}, got {value!r}")
     if cfg.resize_factor < 1:
         raise InferenceError("--resize_factor must be >= 1")
     if cfg.wav2lip_batch_size < 1 or cfg.face_det_batch_size < 1:
@@ -192,12 +173,9 @@ def check_outputs(cfg: InferenceConfig, jobs: Sequence[tuple]) -> None:
 
 def load_generator(cfg: InferenceConfig) -> Generator:
     """The generator of ``cfg`` (fp32 in parity mode unless a precision is asked for)."""
-    precision = "fp16" if cfg.half and cfg.precision == "auto" else cfg.precision
-    if precision == "auto" and cfg.parity:
-        precision = "fp32"
     from lipsync.render.onnx_model import open_generator
 
-    return open_generator(cfg.checkpoint_path, device=resolve_device(cfg.device), precision=precision,
+    return open_generator(cfg.checkpoint_path, device=resolve_device(cfg.device), precision=cfg.generator_precision,
                           threads=cfg.threads, face_cache_mb=cfg.face_cache_mb)
 
 

@@ -19,8 +19,8 @@ import threading
 from collections import Counter, OrderedDict
 from typing import Callable, Dict, List, Optional
 
-from lipsync.render.avatar import (Avatar, AvatarError, AvatarSettings, load_avatar, prepare_avatar, read_avatar_meta,
-                            save_avatar)
+from lipsync.render.avatar import Avatar, AvatarError, load_avatar, prepare_avatar, read_avatar_meta, save_avatar
+from lipsync.render.avatar_settings import AvatarSettings
 from lipsync.core.errors import Wav2LipError
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.staticfiles import StaticFiles
 
-from lipsync.render.avatar import NO_BOX, Avatar, AvatarSettings
+from lipsync.render.avatar import Avatar
+from lipsync.render.avatar_settings import AvatarSettings, settings_from_flags
+from lipsync.render.settings import DEFAULTS, NO_BOX
 from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound, AvatarStore
 from lipsync.serve.batching import Batcher
 from lipsync.core.errors import Wav2LipError
@@ -375,10 +377,10 @@ def parse_box(text: Optional[str]) -> Tuple[int, int, int, int]:
 
 
 def parse_fps(text: Optional[str]) -> float:
-    """The ``fps`` form field (frames/s of a photo avatar, default 25); ApiError 422 when not a
+    """The ``fps`` form field (frames/s of a photo avatar, default ``--fps``'s); ApiError 422 when not a
     positive number."""
     if text is None or not str(text).strip():
-        return 25.0
+        return DEFAULTS["fps"]
     try:
         fps = float(text)
     except ValueError:
@@ -471,13 +473,10 @@ class _Uploads:
         self.state = state
         self.config = state.config
 
-    def settings_for(self, face: str, box: Tuple[int, ...], fps: float) -> AvatarSettings:
-        """The avatar settings inference.py uses for these flags (same defaults)."""
-        from lipsync.render.inference import InferenceConfig
-
-        return InferenceConfig(checkpoint_path=self.state.generator.checkpoint_path, face=face, audio="", box=box,
-                               fps=fps, face_detector=self.config.face_detector,
-                               s3fd_path=self.config.s3fd_path).avatar_settings()
+    def settings_for(self, box: Tuple[int, ...], fps: float) -> AvatarSettings:
+        """The avatar settings inference.py uses for these flags (the others: their defaults)."""
+        return settings_from_flags({"box": box, "fps": fps, "face_detector": self.config.face_detector,
+                                    "s3fd_path": self.config.s3fd_path})
 
     def limit_bytes(self) -> int:
         return int(self.config.max_upload_mb * 2 ** 20)
@@ -558,7 +557,7 @@ def _avatar_routes(app, state: ServerState, uploads: _Uploads) -> None:
             try:
                 box, fps = parse_box(_field(form, "box")), parse_fps(_field(form, "fps"))
                 path, kind = await uploads.staged_face(form, staging)
-                settings = uploads.settings_for(path, box, fps)
+                settings = uploads.settings_for(box, fps)
 
                 def prepare():
                     if abandoned.is_set():
