@@ -6,7 +6,7 @@
 The model is loaded once; avatars uploaded to POST /v1/avatars are prepared once and kept under
 --avatars_dir (they survive restarts); WebSocket /v1/stream?avatar_id=ID turns 16 kHz PCM into
 lip-synced JPEG frames as the audio arrives, frames of concurrent sessions going through the
-generator together. The API and the streaming protocol are in the README ("Server").
+generator together. The API and the streaming protocol are in docs/serving.md.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ def _serve(args) -> int:
     import uvicorn
 
     from lipsync.render.onnx_model import open_generator
-    from lipsync.serve.server import ServerConfig, ServerState, create_app
+    from lipsync.serve.app import create_app
+    from lipsync.serve.state import ServerConfig, ServerState
     from lipsync.serve.sessions import StreamOptions
 
     generator = open_generator(args.checkpoint_path, device=args.device, precision=args.precision,

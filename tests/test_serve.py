@@ -28,8 +28,9 @@ from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 from lipsync.serve.batching import Batcher, BatcherClosed  # noqa: E402
-from lipsync.serve.server import ServerConfig, ServerState, create_app  # noqa: E402
+from lipsync.serve.app import create_app  # noqa: E402
 from lipsync.serve.sessions import IdleFrames, Outbox, StreamOptions  # noqa: E402
+from lipsync.serve.state import ServerConfig, ServerState  # noqa: E402
 
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
 BOX = "40 200 60 196"  # top bottom left right: the astronaut's face at 256x256
@@ -287,6 +288,20 @@ def test_token(media, tmp_path):
         assert last["type"] == "end" and len(frames) == last["frames"] == 7 and code == 1000
 
 
+def test_token_covers_what_no_route_has(media, tmp_path):
+    """The page's files, paths no route has (the browser's favicon), a method a path does not take
+    and a path one slash off: 401 without the token, their usual answer with it."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with make_client(media, tmp_path, token=TOKEN) as client:
+        for method, path, status in [("GET", "/web/app.js", 200), ("GET", "/favicon.ico", 404),
+                                     ("POST", "/healthz", 405), ("GET", "/healthz/", 307)]:
+            r = client.request(method, path, follow_redirects=False)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path)
+            assert "needs a token" in r.json()["detail"]
+            assert client.request(method, path, headers=auth, follow_redirects=False).status_code == status, path
+        assert refused(client, "/v1/other") == 401
+
+
 def test_sessions_beyond_max_get_503_and_avatars_in_use_409(media, tmp_path):
     with make_client(media, tmp_path, max_sessions=1) as client:
         avatar_id = upload(client, media["video"], box=BOX).json()["avatar_id"]
@@ -324,7 +339,7 @@ def test_playlists_are_not_uploads(media, tmp_path):
         with open(playlist, "rb") as fh:
             r = client.post("/v1/lipsync", data={"avatar_id": avatar_id}, files={"audio": ("speech.wav", fh)})
         assert r.status_code == 415
-    from lipsync.serve.server import upload_format_ok
+    from lipsync.serve.uploads import upload_format_ok
     assert upload_format_ok("mov,mp4,m4a,3gp,3g2,mj2") and upload_format_ok("matroska,webm")
     assert upload_format_ok("png_pipe") and upload_format_ok("wav")
     assert not any(upload_format_ok(f) for f in ("hls", "concat", "dash", "", "sdp", "image2,hls"))

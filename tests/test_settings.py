@@ -129,3 +129,23 @@ def test_the_det_scale_flag():
         parse("--det_scale", "2")
     with pytest.raises(argparse.ArgumentTypeError):
         SETTINGS["det_scale"].parse("big")
+
+
+def test_the_server_forms_take_the_same_defaults():
+    """An upload form's fields (box, fps) and the avatar settings the server prepares with are the
+    flags', with the server's detector."""
+    pytest.importorskip("fastapi")
+    from types import SimpleNamespace
+
+    from lipsync.serve.state import ApiError, ServerConfig
+    from lipsync.serve.uploads import FORM_FIELDS, Uploads, form_setting
+
+    for name in FORM_FIELDS:
+        assert form_setting({}, name) == form_setting({name: " "}, name) == DEFAULTS[name]
+    assert form_setting({"box": "1, 2 3 4"}, "box") == (1, 2, 3, 4) and form_setting({"fps": "30"}, "fps") == 30.0
+    for name, text in [("box", "1 2 3"), ("fps", "-5"), ("fps", "abc")]:
+        with pytest.raises(ApiError, match=f"{name} must be"):
+            form_setting({name: text}, name)
+    uploads = Uploads(SimpleNamespace(config=ServerConfig(face_detector="lbp")))
+    cfg = InferenceConfig(checkpoint_path="g.pth", audio="a.wav", face_detector="lbp")
+    assert settings_from_flags(uploads.flags({})) == cfg.avatar_settings()

@@ -1,6 +1,6 @@
 """One streaming session: PCM in over a WebSocket, lip-synced JPEG frames out, in order.
 
-The protocol (README "Streaming"): the client sends binary messages of 16 kHz mono signed 16-bit
+The protocol (docs/serving.md, "Streaming"): the client sends binary messages of 16 kHz mono signed 16-bit
 little-endian PCM and finally the text message ``{"type": "end"}``; the server sends, for each
 output frame ``i``, ``{"type": "frame", "index": i, "pts": i / fps}`` and then the frame as one
 binary JPEG; after the end ``{"type": "end", "frames": n, ...}``; a problem is ``{"type": "error",
