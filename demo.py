@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     import torch
 
-    from lipsync.render.generator import cpu_capabilities
+    from lipsync.render.cpu import cpu_capabilities
 
     # the trainings' float sums run in the order this CPU's kernels and thread count give: the numbers
     # below are reproducible on one machine, and spread a little between machines (README: the demo)

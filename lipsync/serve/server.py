@@ -10,7 +10,7 @@
 - ``POST /v1/lipsync`` (multipart ``avatar_id`` or ``face`` file, and ``audio`` file) -> video/mp4,
   what ``inference.py`` writes for that face and audio.
 - WebSocket ``/v1/stream?avatar_id=ID``: see :mod:`lipsync.serve.sessions`.
-- ``/``: the web page (``lipsync/web/index.html``), ``/web/...``: its other files.
+- ``/``: the web page (``lipsync/serve/web/index.html``), ``/web/...``: its other files.
 
 Errors are JSON ``{"detail": message}``: 401 without the token (when the server has one), 404 for
 an unknown avatar id, 409 deleting an avatar in use, 413 for an upload over ``max_upload_mb``
@@ -41,9 +41,9 @@ from starlette.staticfiles import StaticFiles
 
 from lipsync.render.avatar import NO_BOX, Avatar, AvatarSettings
 from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound, AvatarStore
-from lipsync.serve.batching import Batcher
 from lipsync.core.errors import Wav2LipError
 from lipsync.render.generator import Generator
+from lipsync.render.streaming import warm_up_mel
 from lipsync.serve.sessions import CLOSE_GOING_AWAY, FrameSink, IdleFrames, StreamOptions, StreamSession
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class ServerState:
         self.sessions: Dict[str, Optional[StreamSession]] = {}  # None: a /v1/lipsync job
         self.lock = threading.Lock()
         self.idle = IdleFrames(config.stream.jpeg_quality)
-        self.batcher = Batcher(generator, max_batch=config.max_batch, max_wait=config.batch_wait_ms / 1000.0,
-                               busy=self._busy)
+        generator.queue.configure(max_batch=config.max_batch, max_wait=config.batch_wait_ms / 1000.0,
+                                  busy=self._busy)
         # long work runs on its own threads, never on the event loop's default executor (which the
         # short calls of every request and stream need): avatars are prepared one at a time (face
         # detection competes with generation), /v1/lipsync jobs one thread per session slot
@@ -156,8 +156,7 @@ class ServerState:
     def _forget_faces(self, avatar: Avatar) -> None:
         bank = self.generator.bank
         if bank is not None:
-            with self.generator.lock:
-                bank.forget(avatar.key)
+            bank.forget(avatar.key)
 
     async def end_streams(self, grace: float = 5.0) -> None:
         """Refuse new sessions and end running streams with an error message (``{"type": "error"}``,
@@ -176,14 +175,14 @@ class ServerState:
 
     async def close(self, grace: float = 5.0, prepare_grace: float = 60.0) -> None:
         """Shutdown, after the HTTP server stopped: end streams, let an avatar being prepared finish
-        (up to ``prepare_grace`` seconds), stop the batcher, remove unfinished uploads and saves."""
+        (up to ``prepare_grace`` seconds), remove unfinished uploads and saves (the generator, and its
+        forward queue, belong to whoever loaded it)."""
         await self.end_streams(grace)
         # queued preparations are cancelled; the one running may finish (saved whole) within the grace
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.to_thread(self.prepare_pool.shutdown, True, cancel_futures=True),
                                    prepare_grace)
         self.job_pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self.batcher.close)
         self.store.cleanup()
 
     def health(self) -> dict:
@@ -194,7 +193,7 @@ class ServerState:
         return {"status": "shutting down" if self.closing else "ok", "model": g.describe(), "img_size": g.img_size,
                 "device": str(g.device), "precision": g.precision,
                 "sessions": {"streams": streams, "lipsync_jobs": jobs, "max": self.config.max_sessions},
-                "avatars": len(self.store.ids()), "batches": self.batcher.stats.as_dict(),
+                "avatars": len(self.store.ids()), "batches": self.generator.queue.stats.as_dict(),
                 "auth": self.config.token is not None}
 
 
@@ -409,18 +408,6 @@ def _file(form, name: str):
 # ------------------------------------------------------------------------------------------------
 # The app
 # ------------------------------------------------------------------------------------------------
-def warm_up_mel() -> None:
-    """Compute one streaming mel before serving: the first STFT imports librosa's (numba compiles and
-    loads its caches), seconds that would otherwise stall the event loop, and so every stream, when
-    the first audio of the first stream arrives."""
-    import numpy as np
-
-    import audio
-    from lipsync.render.streaming import FrameWindows
-
-    FrameWindows(25.0).push(np.zeros(audio.SAMPLE_RATE // 2, np.float32))  # 0.5 s: some columns are final
-
-
 def create_app(state: ServerState):
     """The FastAPI app serving ``state`` (closed with the app's lifespan)."""
 
@@ -526,7 +513,7 @@ def _page_routes(app, state: ServerState) -> None:
     async def page():
         index = os.path.join(WEB_DIR, "index.html")
         if not os.path.isfile(index):
-            raise ApiError(404, "the web page is not installed (lipsync/web/index.html)")
+            raise ApiError(404, "the web page is not installed (lipsync/serve/web/index.html)")
         return FileResponse(index, media_type="text/html")
 
     if os.path.isdir(WEB_DIR):
@@ -648,7 +635,7 @@ def _stream_route(app, state: ServerState) -> None:
                 return await deny(ws, 404, str(exc))
             except Wav2LipError as exc:
                 return await deny(ws, 422, f"avatar {avatar_id} cannot be used: {state.public(str(exc))}")
-            session = StreamSession(sid, avatar, state.batcher.generate_for(sid), state.config.stream, state.idle,
+            session = StreamSession(sid, avatar, state.generator.queue.generate_for(sid), state.config.stream, state.idle,
                                     state.frame_sink, device=state.generator.device)
             await ws.accept()
             with state.lock:

@@ -12,7 +12,7 @@ How a session runs:
   (:class:`lipsync.render.streaming.FrameWindows`) and queues them for the render thread.
 - The render thread runs :func:`lipsync.render.engine.render_windows` (the one render path) on those
   windows with a ``generate`` function that goes through the server's cross-session
-  :class:`lipsync.serve.batching.Batcher`, encodes each frame as JPEG and posts it to the session's
+  :class:`lipsync.render.forward.ForwardQueue`, encodes each frame as JPEG and posts it to the session's
   :class:`Outbox`.
 - The sending coroutine writes the outbox to the socket.
 - While no audio arrives, an idle ticker sends ``{"type": "idle", ...}`` frames (see
@@ -218,7 +218,7 @@ class StreamSession:
     """One WebSocket stream of ``avatar``; :meth:`run` serves it until the end, an error or the
     client's departure, and always leaves the render thread stopped.
 
-    ``generate``: the session's generate function (its share of the batcher). ``frame_sink(sid, i,
+    ``generate``: the session's generate function (its share of the generator's forward queue). ``frame_sink(sid, i,
     frame)``: receives every talk frame before JPEG encoding (tests compare them with offline
     frames). ``idle``: the server's shared :class:`IdleFrames`. ``device``: the generator's device
     (for ``options.on_device``).
@@ -253,7 +253,7 @@ class StreamSession:
 
     # ---- state other parts read -----------------------------------------------------------------
     def in_flight(self) -> bool:
-        """Whether frames of this session wait for the generator (the batcher waits for such sessions)."""
+        """Whether frames of this session wait for the generator (the forward queue waits for such sessions)."""
         return self.windows.frames > self.produced and not self.cancel.is_set()
 
     # ---- the render thread ----------------------------------------------------------------------
