@@ -122,7 +122,8 @@ def _video_or_reason(path: str) -> Optional[str]:
     """None when ``path`` is a video clip; else why not. Names with a video extension (any letter
     case) are clips without asking ffmpeg (a corrupt one fails later, with the reason); other
     names are decided by content."""
-    from lipsync.media.ffmpeg import MediaError, probe_media
+    from lipsync.media.ffmpeg import MediaError
+    from lipsync.media.probe import probe_media
     from lipsync.media.video import is_image_file
 
     ext = os.path.splitext(path)[1].lower()
@@ -362,7 +363,7 @@ def preprocess_clip(src: str, out_dir: str, detector, batch_size: int) -> dict:
         if not info.has_audio:
             raise ValueError("the video has no audio track")
         # the audio and the frames below are both on the file's timeline: frame k pairs with the
-        # audio at k / 25 s even when one stream starts later than the other (lipsync.media.ffmpeg)
+        # audio at k / 25 s even when one stream starts later than the other (lipsync.media.probe)
         mel = write_audio_and_mel(audio.load_wav(src, audio.SAMPLE_RATE), os.path.join(partial, "audio.wav"),
                                   os.path.join(partial, "mel.npy"))
         frames = faces = 0
