@@ -194,7 +194,7 @@ def expert_hparams(seed: int, steps: int) -> str:
 def resume_from(checkpoint_dir: str, prefix: str) -> List[str]:
     """``["--checkpoint_path", newest]`` when an interrupted run left step checkpoints with this
     prefix in ``checkpoint_dir`` (the trainer then continues where it stopped), else ``[]``."""
-    from lipsync.train.training import latest_checkpoint
+    from lipsync.train.checkpoints import latest_checkpoint
 
     latest = latest_checkpoint(checkpoint_dir, prefix) if os.path.isdir(checkpoint_dir) else None
     return ["--checkpoint_path", latest] if latest else []
