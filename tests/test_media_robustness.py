@@ -408,7 +408,7 @@ def test_names_ffmpeg_would_misread(tmp_path, monkeypatch, face, voice):
 def test_corpus_lists_every_container_and_letter_case(tmp_path):
     import cv2
 
-    from lipsync.train.dataprep import hq_path, scan_raw_corpus
+    from lipsync.train.corpus import hq_path, scan_raw_corpus
 
     root = tmp_path / "grouped"
     spk = root / "spk1"
