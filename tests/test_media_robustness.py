@@ -153,9 +153,10 @@ def test_preprocess_pairs_a_late_audio_clip_in_sync(tmp_path):
     import cv2
 
     from lipsync.train import synthetic
+    from lipsync.train.synthetic_faces import PHOTOS, random_identity
 
     rng = np.random.default_rng(3)
-    ident = synthetic.random_identity(rng, photo=sorted(synthetic.PHOTOS)[0])
+    ident = random_identity(rng, photo=sorted(PHOTOS)[0])
     speech = synthetic.synth_speech(rng, 2.4)
     spoken_late = np.concatenate([np.zeros(int(0.4 * SR), np.float32), speech])
     raw = tmp_path / "raw" / "g"
