@@ -44,7 +44,8 @@ from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound, AvatarStore
 from lipsync.serve.batching import Batcher
 from lipsync.core.errors import Wav2LipError
 from lipsync.render.generator import Generator
-from lipsync.serve.sessions import CLOSE_GOING_AWAY, FrameSink, IdleFrames, StreamOptions, StreamSession
+from lipsync.serve.sessions import CLOSE_GOING_AWAY, StreamSession
+from lipsync.serve.stream_output import FrameSink, IdleFrames, StreamOptions
 
 log = logging.getLogger(__name__)
 
