@@ -28,7 +28,7 @@ from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 from lipsync.render.forward import ForwardQueue, ForwardQueueClosed  # noqa: E402
 from lipsync.serve.server import ServerConfig, ServerState, create_app  # noqa: E402
-from lipsync.serve.sessions import IdleFrames, Outbox, StreamOptions  # noqa: E402
+from lipsync.serve.stream_output import IdleFrames, Outbox, StreamOptions  # noqa: E402
 
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
 BOX = "40 200 60 196"  # top bottom left right: the astronaut's face at 256x256

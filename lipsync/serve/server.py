@@ -44,7 +44,8 @@ from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound, AvatarStore
 from lipsync.core.errors import Wav2LipError
 from lipsync.render.generator import Generator
 from lipsync.render.streaming import warm_up_mel
-from lipsync.serve.sessions import CLOSE_GOING_AWAY, FrameSink, IdleFrames, StreamOptions, StreamSession
+from lipsync.serve.sessions import CLOSE_GOING_AWAY, StreamSession
+from lipsync.serve.stream_output import FrameSink, IdleFrames, StreamOptions
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ApiError(Exception):
 
 
 class ServerState:
-    """Everything the app serves from: the generator, the avatars, the batcher, the sessions.
+    """Everything the app serves from: the generator, the avatars, the sessions.
 
     ``frame_sink(session_id, index, frame)``: receives every streamed and /v1/lipsync frame before
     encoding (a test hook; /v1/lipsync frames come with the id ``"lipsync-<n>"``).
@@ -302,7 +303,8 @@ def media_kinds(path: str) -> set:
     """What a file holds, judged by its content (not its name): {"image"} for a still photo, else
     the streams ffmpeg finds, a subset of {"video", "audio"} (empty: not media ffmpeg reads, or a
     container that is not a self-contained file: see :data:`UPLOAD_FORMATS`)."""
-    from lipsync.media.ffmpeg import MediaError, image_signature, probe_media
+    from lipsync.media.ffmpeg import MediaError, image_signature
+    from lipsync.media.probe import probe_media
 
     with open(path, "rb") as fh:
         if image_signature(fh.read(32)):
@@ -321,7 +323,8 @@ def media_limits(path: str, config: ServerConfig, what: str) -> None:
     """Refuse (ApiError 422) an uploaded face whose frames have more than ``max_frame_pixels`` pixels
     or that lasts more than ``max_avatar_seconds`` (``what`` "face"), or audio longer than
     ``max_audio_seconds`` (``what`` "audio"): a small file can otherwise decode to gigabytes."""
-    from lipsync.media.ffmpeg import MediaError, probe_media
+    from lipsync.media.ffmpeg import MediaError
+    from lipsync.media.probe import probe_media
 
     try:
         info = probe_media(path)
