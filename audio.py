@@ -20,6 +20,7 @@ from scipy import signal
 
 from lipsync.media import ffmpeg as media
 from lipsync.media.ffmpeg import MediaError
+from lipsync.media.probe import audio_input_args
 
 from hparams import (AUDIO_KEYS, FMAX, FMIN, HOP_SIZE, MAX_ABS_VALUE, MEL_STEP_SIZE, MIN_LEVEL_DB, N_FFT, NUM_MELS,  # noqa: F401
                      PREEMPHASIS, REF_LEVEL_DB, SAMPLE_RATE, WIN_SIZE, HParams, hparams as default_hparams)
@@ -59,9 +60,9 @@ def _read_soundfile(path: str) -> Optional[Tuple[np.ndarray, int]]:
 
 def _decode_with_ffmpeg(path: str, sr: int) -> np.ndarray:
     """(samples,) float32 mono at ``sr`` Hz: the file's first audio stream on the file's timeline
-    (:func:`lipsync.media.ffmpeg.audio_timeline_filters`)."""
+    (:func:`lipsync.media.probe.audio_timeline_filters`)."""
     try:
-        a_in, a_out, _, _ = media.audio_input_args(path, 0)
+        a_in, a_out, _, _ = audio_input_args(path, 0)
     except media.MediaError as exc:
         raise AudioError(f"cannot read audio from {path!r}: {exc}") from None
     cmd = media.ffmpeg_command("-copyts", *a_in, *a_out, "-ac", "1", "-ar", str(sr), "-c:a", "pcm_f32le",

@@ -194,7 +194,7 @@ def expert_hparams(seed: int, steps: int) -> str:
 def resume_from(checkpoint_dir: str, prefix: str) -> List[str]:
     """``["--checkpoint_path", newest]`` when an interrupted run left step checkpoints with this
     prefix in ``checkpoint_dir`` (the trainer then continues where it stopped), else ``[]``."""
-    from lipsync.train.training import latest_checkpoint
+    from lipsync.train.checkpoints import latest_checkpoint
 
     latest = latest_checkpoint(checkpoint_dir, prefix) if os.path.isdir(checkpoint_dir) else None
     return ["--checkpoint_path", latest] if latest else []
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     import torch
 
-    from lipsync.render.generator import cpu_capabilities
+    from lipsync.render.cpu import cpu_capabilities
 
     # the trainings' float sums run in the order this CPU's kernels and thread count give: the numbers
     # below are reproducible on one machine, and spread a little between machines (README: the demo)
@@ -288,12 +288,13 @@ def main(argv=None) -> int:
     log("7/7 inference on a held-out identity with held-out audio, scored against the true video")
 
     from lipsync.train import synthetic as S
+    from lipsync.train.synthetic_faces import Identity, Renderer, measure_opening
     from lipsync.media.video import iter_frames, probe_video
 
     test = [line.strip() for line in open(os.path.join(fl, "test.txt")) if line.strip()]
     face_clip = os.path.join(raw, test[0] + ".mp4")
     truth_json = os.path.join(raw, test[0] + ".json")
-    ident = S.Identity.from_dict(json.load(open(truth_json))["identity"])
+    ident = Identity.from_dict(json.load(open(truth_json))["identity"])
     # held-out audio: fresh speech no clip was made from, longer than the face video (which loops),
     # so the unchanged input's mouth has only chance correlation with it
     import audio
@@ -314,11 +315,11 @@ def main(argv=None) -> int:
     inputs = [source[k % len(source)] for k in range(n)]  # what inference looped over (--loop repeat)
     truth_frames = list(S.render_frames(ident, wav, n_frames=n))
     true_open, _ = S.mouth_track(wav, n)
-    renderer = S.Renderer(ident)
+    renderer = Renderer(ident)
     # the head pose of output frame k is that of source frame k % len(source)
-    gen_open = [S.measure_opening(generated[k], ident, k % len(source), renderer) for k in range(n)]
-    in_open = [S.measure_opening(inputs[k], ident, k % len(source), renderer) for k in range(n)]
-    truth_measured = [S.measure_opening(truth_frames[k], ident, k, renderer) for k in range(n)]
+    gen_open = [measure_opening(generated[k], ident, k % len(source), renderer) for k in range(n)]
+    in_open = [measure_opening(inputs[k], ident, k % len(source), renderer) for k in range(n)]
+    truth_measured = [measure_opening(truth_frames[k], ident, k, renderer) for k in range(n)]
 
     # LSE-D / LSE-C of the result with the demo's expert, and of the same video with its audio 5 frames late
     from lipsync.eval.evaluation import ExpertScorer, measure_known_shifts, read_video_for_scoring, shift_audio, sync_score

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
 
 
 def write_filelists(args) -> int:
-    from lipsync.train.dataprep import DataPrepError, list_preprocessed, split_by_group, write_text_atomic
+    from lipsync.train.corpus import DataPrepError, list_preprocessed, split_by_group
+    from lipsync.train.dataprep import write_text_atomic
 
     found = list_preprocessed(args.data_root)
     # the training dataset needs more than 3 windows' worth of face frames in a clip

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
 def enhance(args) -> int:
     from lipsync.core.progress import progress_bar
 
-    from lipsync.train.dataprep import DataPrepError, enhance_job, hq_path, report_not_clips, run_parallel, scan_raw_corpus
+    from lipsync.train.corpus import DataPrepError, hq_path, report_not_clips, scan_raw_corpus
+    from lipsync.train.dataprep import enhance_job, run_parallel
     from lipsync.media.ffmpeg import use_ffmpeg
 
     use_ffmpeg(args.ffmpeg)

@@ -82,8 +82,9 @@ def preprocess(args) -> int:
     from lipsync.core.progress import progress_bar
 
     from face_detection import get_detector
-    from lipsync.train.dataprep import (DataPrepError, clip_out_dir, is_done, parse_shard, pick_source, report_not_clips,
-                                  scan_raw_corpus, take_shard, write_json_atomic)
+    from lipsync.train.corpus import (DataPrepError, parse_shard, pick_source, report_not_clips, scan_raw_corpus,
+                                      take_shard)
+    from lipsync.train.dataprep import clip_out_dir, is_done, write_json_atomic
     from lipsync.core.device import resolve_device
     from lipsync.media.ffmpeg import use_ffmpeg
 

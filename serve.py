@@ -140,7 +140,7 @@ def _serve(args) -> int:
     from lipsync.render.onnx_model import open_generator
     from lipsync.serve.app import create_app
     from lipsync.serve.state import ServerConfig, ServerState
-    from lipsync.serve.sessions import StreamOptions
+    from lipsync.serve.stream_output import StreamOptions
 
     generator = open_generator(args.checkpoint_path, device=args.device, precision=args.precision,
                                threads=args.threads)

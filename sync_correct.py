@@ -108,7 +108,8 @@ def correct(args) -> int:
     from lipsync.core.progress import progress_bar
 
     import audio
-    from lipsync.train.dataprep import DataPrepError, list_preprocessed, read_done, write_json_atomic
+    from lipsync.train.corpus import DataPrepError, list_preprocessed
+    from lipsync.train.dataprep import read_done, write_json_atomic
     from lipsync.core.device import resolve_device
     from lipsync.core.errors import Wav2LipError
     from lipsync.eval.evaluation import SR, ExpertScorer, score_preprocessed_clip, shift_audio

@@ -38,7 +38,8 @@ def render_truth(args) -> int:
     import json
 
     import audio
-    from lipsync.train.synthetic import Identity, write_clip
+    from lipsync.train.synthetic import write_clip
+    from lipsync.train.synthetic_faces import Identity
 
     with open(args.render_truth) as fh:
         ident = Identity.from_dict(json.load(fh)["identity"])

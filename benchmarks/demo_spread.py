@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import demo
-    from lipsync.render.generator import cpu_capabilities
+    from lipsync.render.cpu import cpu_capabilities
 
     print(f"CPU: {cpu_capabilities().line()}", flush=True)
     pairs = [(s, t) for t in args.threads for s in args.seeds]

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import color_syncnet_train
     import demo
     from hparams import get_hparams
-    from lipsync.render.generator import cpu_capabilities
+    from lipsync.render.cpu import cpu_capabilities
 
     print(f"CPU: {cpu_capabilities().line()}; torch threads {torch.get_num_threads()}", flush=True)
     pre, fl = os.path.join(args.run, "preprocessed"), os.path.join(args.run, "filelists")

@@ -415,7 +415,7 @@ def main(argv=None):
 
     import torch
 
-    from lipsync.render.generator import cpu_capabilities
+    from lipsync.render.cpu import cpu_capabilities
 
     DEVICE["name"] = args.device
     caps = cpu_capabilities()

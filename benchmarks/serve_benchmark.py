@@ -391,7 +391,7 @@ def bench_server(workdir: str, model: str, precision: str, args, width: int, hei
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lipsync.render.generator import cpu_capabilities
+    from lipsync.render.cpu import cpu_capabilities
 
     caps = cpu_capabilities()
     cuda = args.device == "cuda"

@@ -75,7 +75,7 @@ def main(argv=None):
         shutil.copytree(args.data_root, root)
         shutil.copytree(args.filelists_dir, fl)
         rng = np.random.default_rng(0)
-        from lipsync.train.dataprep import list_preprocessed
+        from lipsync.train.corpus import list_preprocessed
 
         names = [n for n, _ in list_preprocessed(args.data_root)]
         order = [names[i] for i in rng.permutation(len(names))]

@@ -1,4 +1,4 @@
-"""The web page (lipsync/web) in a real browser: Debian's headless Chromium driven by selenium,
+"""The web page (lipsync/serve/web) in a real browser: Debian's headless Chromium driven by selenium,
 against serve.py with a tiny generator. Uploading a photo as an avatar through the page, playing a
 wav file through the page's file path (frames shown by pts against the audio clock), and the
 microphone path (Chromium's fake capture device fed a wav). Each checks that frames were drawn (the

@@ -15,6 +15,7 @@ import preprocess
 import synthetic_corpus
 from conftest import ROOT
 from lipsync.train import synthetic as S
+from lipsync.train.synthetic_faces import Identity, Renderer, measure_opening
 from lipsync.media.video import iter_frames, probe_video
 from media import ffmpeg
 
@@ -89,15 +90,15 @@ def test_mouth_follows_audio():
 def test_true_video_renders_for_any_audio_and_measures_back(corpus, tmp_path):
     clip = clips_of(corpus)[0]
     truth = json.load(open(clip[:-4] + ".json"))
-    ident = S.Identity.from_dict(truth["identity"])
+    ident = Identity.from_dict(truth["identity"])
     # same audio -> the clip's own frames (up to encoding noise)
     wav = audio.load_wav(clip, audio.SAMPLE_RATE)
     frames = list(iter_frames(probe_video(clip)))
     rendered = list(S.render_frames(ident, wav[: 30 * 640], n_frames=30))
     assert np.abs(rendered[10].astype(int) - frames[10]).mean() < 4
     # the measured opening tracks the truth
-    renderer = S.Renderer(ident)
-    measured = [S.measure_opening(f, ident, k, renderer) for k, f in enumerate(frames)]
+    renderer = Renderer(ident)
+    measured = [measure_opening(f, ident, k, renderer) for k, f in enumerate(frames)]
     assert np.corrcoef(measured, truth["opening"])[0, 1] > 0.8
     # and the CLI renders the identity saying other audio
     other = str(tmp_path / "other.wav")

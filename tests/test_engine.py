@@ -16,7 +16,8 @@ from lipsync.render.avatar import load_avatar, prepare_avatar
 from lipsync.render.avatar_settings import AvatarSettings
 from lipsync.render.boxes import DetectionSettings, FaceFinder
 from lipsync.render.engine import render
-from lipsync.render.generator import CpuTuner, Generator, cpu_capabilities, resolve_precision
+from lipsync.render.cpu import CpuTuner, cpu_capabilities, resolve_precision
+from lipsync.render.generator import Generator
 from lipsync.render.inference import InferenceConfig, run_inference
 from media import ffmpeg, make_face_video, tone_wav
 from models import Wav2Lip
@@ -291,7 +292,7 @@ def test_threads_flag_and_tuner(env, tmp_path, monkeypatch):
 
 
 def test_precision_choice(monkeypatch):
-    import lipsync.render.generator as g
+    import lipsync.render.cpu as g
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
@@ -403,7 +404,7 @@ def test_device_composer_matches_opencv_path(env, blend):
 
 
 def test_device_composer_crops_like_opencv():
-    from lipsync.render.avatar import cut_crop
+    from lipsync.render.blending import cut_crop
     from lipsync.render.gpu import TorchComposer
 
     rng = np.random.default_rng(0)

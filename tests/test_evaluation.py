@@ -13,6 +13,7 @@ import color_syncnet_train
 import evaluate
 import sync_correct
 from lipsync.train import synthetic as S
+from lipsync.train.synthetic_faces import random_identity
 from lipsync.eval.evaluation import (EvaluationError, ExpertScorer, SyncNetV2Scorer, fill_missing_boxes, longest_run,
                                 offset_distances, score_preprocessed_clip, shift_audio, sync_score, syncnet_crop,
                                 syncnet_track)
@@ -176,7 +177,7 @@ def videos(tmp_path_factory):
     """A video whose mouth follows its audio, and the same frames with the audio 5 frames late."""
     root = tmp_path_factory.mktemp("eval_videos")
     rng = np.random.default_rng(11)
-    ident = S.random_identity(rng, photo="astronaut")
+    ident = random_identity(rng, photo="astronaut")
     wav = S.synth_speech(rng, 4.0)
     in_sync = str(root / "in_sync.mp4")
     S.write_clip(in_sync, ident, wav)

@@ -18,6 +18,7 @@ import pytest
 import audio
 from conftest import ROOT
 from lipsync.media import ffmpeg as media
+from lipsync.media import probe
 from lipsync.media.video import VideoWriter, is_image_file, is_image_path, iter_frames, probe_video
 from media import astronaut, av_lag, ffmpeg, make_face_video, mel_loudness, mouth_openness, tone_wav
 
@@ -152,9 +153,10 @@ def test_preprocess_pairs_a_late_audio_clip_in_sync(tmp_path):
     import cv2
 
     from lipsync.train import synthetic
+    from lipsync.train.synthetic_faces import PHOTOS, random_identity
 
     rng = np.random.default_rng(3)
-    ident = synthetic.random_identity(rng, photo=sorted(synthetic.PHOTOS)[0])
+    ident = random_identity(rng, photo=sorted(PHOTOS)[0])
     speech = synthetic.synth_speech(rng, 2.4)
     spoken_late = np.concatenate([np.zeros(int(0.4 * SR), np.float32), speech])
     raw = tmp_path / "raw" / "g"
@@ -236,11 +238,11 @@ def test_probing_without_ffprobe_agrees(src, tmp_path, monkeypatch):
     files.append(ntsc)
     with_probe = None
     if media.ffprobe_exe():
-        with_probe = [(media.probe_media(f), click_times(audio.load_wav(f)) if "ntsc" not in f else []) for f in files]
+        with_probe = [(probe.probe_media(f), click_times(audio.load_wav(f)) if "ntsc" not in f else []) for f in files]
     monkeypatch.setenv(media.ENV_FFPROBE, "none")
     media.use_ffmpeg(None)
     try:
-        alone = [(media.probe_media(f), click_times(audio.load_wav(f)) if "ntsc" not in f else []) for f in files]
+        alone = [(probe.probe_media(f), click_times(audio.load_wav(f)) if "ntsc" not in f else []) for f in files]
         assert all(info.prober == "ffmpeg" for info, _ in alone)
         assert alone[3][0].video.rate == Fraction(30000, 1001)
         assert [round(info.start, 3) for info, _ in alone] == [0.0, 0.0, pytest.approx(1.4, abs=0.1), 0.0]
@@ -289,11 +291,11 @@ def test_measured_rates_snap_to_standard_ones(tmp_path, monkeypatch):
     alternate, AVI counts B-frame delays as empty packets (twice the rate): each is read as the
     rate it was made with, by ffprobe and by ffmpeg alone. Rates that are not near a standard one
     (70/3) are kept."""
-    assert media.snap_rate(Fraction(19001, 317)) == Fraction(60000, 1001)
-    assert media.snap_rate(Fraction(10000, 417)) == Fraction(24000, 1001)
-    assert media.snap_rate(Fraction(90000, 1501)) == Fraction(60000, 1001)
-    assert media.snap_rate(Fraction(22500, 469)) == Fraction(48000, 1001)
-    assert media.snap_rate(Fraction(70, 3)) == Fraction(70, 3) and media.snap_rate(Fraction(25)) == 25
+    assert probe.snap_rate(Fraction(19001, 317)) == Fraction(60000, 1001)
+    assert probe.snap_rate(Fraction(10000, 417)) == Fraction(24000, 1001)
+    assert probe.snap_rate(Fraction(90000, 1501)) == Fraction(60000, 1001)
+    assert probe.snap_rate(Fraction(22500, 469)) == Fraction(48000, 1001)
+    assert probe.snap_rate(Fraction(70, 3)) == Fraction(70, 3) and probe.snap_rate(Fraction(25)) == 25
     files = {}
     for rate in ("60000/1001", "24000/1001"):
         mp4 = str(tmp_path / f"r{rate.replace('/', '_')}.mp4")
@@ -313,7 +315,7 @@ def test_measured_rates_snap_to_standard_ones(tmp_path, monkeypatch):
             if prober == "none":
                 monkeypatch.setenv(media.ENV_FFPROBE, "none")
             media.use_ffmpeg(None)
-            assert {f: media.probe_media(f).video.rate for f in files} == files, prober
+            assert {f: probe.probe_media(f).video.rate for f in files} == files, prober
         # 30 pictures (not 60); AVI stores no presentation times, and the end its decode times give
         # after B-frames differs between ffmpeg versions by a frame or two
         assert abs(len(list(iter_frames(probe_video(str(tmp_path / "b.avi"))))) - 30) <= 2
@@ -323,12 +325,12 @@ def test_measured_rates_snap_to_standard_ones(tmp_path, monkeypatch):
 
 
 def test_to_rate():
-    assert media.to_rate(24000 / 1001) == Fraction(24000, 1001)
-    assert media.to_rate("30000/1001") == Fraction(30000, 1001) and media.to_rate(25) == 25
-    assert media.to_rate(29.97) == Fraction(2997, 100)
+    assert probe.to_rate(24000 / 1001) == Fraction(24000, 1001)
+    assert probe.to_rate("30000/1001") == Fraction(30000, 1001) and probe.to_rate(25) == 25
+    assert probe.to_rate(29.97) == Fraction(2997, 100)
     for bad in (0, -1, "x", float("nan")):
         with pytest.raises(media.MediaError):
-            media.to_rate(bad)
+            probe.to_rate(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +409,7 @@ def test_names_ffmpeg_would_misread(tmp_path, monkeypatch, face, voice):
 def test_corpus_lists_every_container_and_letter_case(tmp_path):
     import cv2
 
-    from lipsync.train.dataprep import hq_path, scan_raw_corpus
+    from lipsync.train.corpus import hq_path, scan_raw_corpus
 
     root = tmp_path / "grouped"
     spk = root / "spk1"

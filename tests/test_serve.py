@@ -16,7 +16,6 @@ import audio
 from conftest import REFERENCE, reproducible_generator
 from lipsync.render.avatar import load_avatar
 from lipsync.render.engine import render
-from lipsync.render.generator import Generator
 from lipsync.render.inference import InferenceConfig, run_inference
 from lipsync.media.video import count_frames, probe_video
 from media import astronaut, make_face_video, tone_wav
@@ -27,10 +26,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-from lipsync.serve.batching import Batcher, BatcherClosed  # noqa: E402
+from lipsync.render.forward import ForwardQueue, ForwardQueueClosed  # noqa: E402
 from lipsync.serve.app import create_app  # noqa: E402
-from lipsync.serve.sessions import IdleFrames, Outbox, StreamOptions  # noqa: E402
 from lipsync.serve.state import ServerConfig, ServerState  # noqa: E402
+from lipsync.serve.stream_output import IdleFrames, Outbox, StreamOptions  # noqa: E402
 
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")
 BOX = "40 200 60 196"  # top bottom left right: the astronaut's face at 256x256
@@ -569,17 +568,17 @@ def test_silent_sessions_time_out(media, tmp_path, fps):
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
-def test_batcher_runs_sessions_together(media):
+def test_forward_queue_runs_sessions_together(media):
     """Requests of sessions with frames in flight share one generator call; each gets its rows."""
     rng = np.random.default_rng(0)
     mels = rng.standard_normal((6, 80, 16)).astype(np.float32)
     faces = rng.integers(0, 255, (6, 96, 96, 3), dtype=np.uint8)
     alone = media["gen"].generate(mels, faces)
-    batcher = Batcher(media["gen"], max_batch=64, max_wait=5.0, busy=lambda: {"a", "b", "c"})
+    batcher = ForwardQueue(media["gen"].queue.forward, max_batch=64, max_wait=5.0, busy=lambda: {"a", "b", "c"})
     results = {}
 
     def call(owner, rows):
-        results[owner] = batcher.generate(owner, mels[rows], faces[rows])
+        results[owner] = batcher.generate(mels[rows], faces[rows], owner=owner)
 
     threads = [threading.Thread(target=call, args=(o, r)) for o, r in
                (("a", slice(0, 1)), ("b", slice(1, 4)), ("c", slice(4, 6)))]
@@ -590,22 +589,22 @@ def test_batcher_runs_sessions_together(media):
     assert batcher.stats.calls == 1 and batcher.stats.most_sessions == 3 and batcher.stats.frames == 6
     assert np.array_equal(np.concatenate([results["a"], results["b"], results["c"]]), alone)
     batcher.close()
-    with pytest.raises(BatcherClosed):
-        batcher.generate("a", mels[:1], faces[:1])
+    with pytest.raises(ForwardQueueClosed):
+        batcher.generate(mels[:1], faces[:1], owner="a")
 
 
-def test_batcher_takes_device_tensors(media):
+def test_forward_queue_takes_device_tensors(media):
     """Crops as tensors (sessions composing on the device) get tensors back, numpy gets numpy, in
     one call."""
     rng = np.random.default_rng(1)
     mels = rng.standard_normal((3, 80, 16)).astype(np.float32)
     faces = rng.integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)
     alone = media["gen"].generate(mels, faces)
-    batcher = Batcher(media["gen"], max_batch=64, max_wait=5.0, busy=lambda: {"t", "n"})
+    batcher = ForwardQueue(media["gen"].queue.forward, max_batch=64, max_wait=5.0, busy=lambda: {"t", "n"})
     results = {}
     threads = [threading.Thread(target=lambda: results.__setitem__(
-                   "t", batcher.generate("t", mels[:2], torch.from_numpy(faces[:2])))),
-               threading.Thread(target=lambda: results.__setitem__("n", batcher.generate("n", mels[2:], faces[2:])))]
+                   "t", batcher.generate_for("t")(mels[:2], torch.from_numpy(faces[:2]), None))),
+               threading.Thread(target=lambda: results.__setitem__("n", batcher.generate_for("n")(mels[2:], faces[2:], None)))]
     for t in threads:
         t.start()
     for t in threads:
@@ -616,12 +615,12 @@ def test_batcher_takes_device_tensors(media):
     assert np.array_equal(np.concatenate([results["t"].numpy(), results["n"]]), alone)
 
 
-def test_batcher_does_not_wait_for_idle_sessions(media):
+def test_forward_queue_does_not_wait_for_idle_sessions(media):
     """A lone session (nobody else busy) runs at once, however long max_wait is."""
-    batcher = Batcher(media["gen"], max_batch=4, max_wait=30.0, busy=lambda: {"a"})
+    batcher = ForwardQueue(media["gen"].queue.forward, max_batch=4, max_wait=30.0, busy=lambda: {"a"})
     mels = np.zeros((6, 80, 16), np.float32)
     faces = np.zeros((6, 96, 96, 3), np.uint8)
-    out = batcher.generate("a", mels, faces)  # larger than max_batch: runs whole, alone
+    out = batcher.generate(mels, faces, owner="a")  # larger than max_batch: runs whole, alone
     assert out.shape == (6, 96, 96, 3) and batcher.stats.calls == 1
     batcher.close()
 
@@ -635,12 +634,14 @@ def test_a_session_behind_its_audio_catches_up_in_larger_batches(media, tmp_path
     generator = media["gen"]
     sizes = []
 
-    def slow(mels, faces, keys=None, as_tensor=False):
+    forward = generator.queue.forward
+
+    def slow(mels, faces, keys, as_tensor):
         sizes.append(len(mels))
         time.sleep(0.05)
-        return Generator.generate(generator, mels, faces, keys, as_tensor)
+        return forward(mels, faces, keys, as_tensor)
 
-    monkeypatch.setattr(generator, "generate", slow)
+    monkeypatch.setattr(generator.queue, "forward", slow)
     sink = Frames()
     pcm = media["pcm"]
     with make_client(media, tmp_path, sink=sink) as client:

@@ -207,7 +207,7 @@ def test_sigterm_restart_and_stream_client(assets, tmp_path):
         out = tmp_path / "streamed.mp4"
         assert stream_client.main([str(wav), "--avatar_id", avatar_id, "--url", again.url, "--outfile", str(out),
                                    "--chunk_ms", "40", "--speed", "4", "--quiet"]) == 0
-        from lipsync.media.ffmpeg import probe_media
+        from lipsync.media.probe import probe_media
         from lipsync.media.video import count_frames, probe_video
 
         assert count_frames(probe_video(str(out))) == audio.num_frames_for_audio(12000, 25.0)

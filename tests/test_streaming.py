@@ -1,6 +1,8 @@
 """The incremental mel (lipsync.render.streaming): columns and frame windows computed from audio arriving in
-pieces equal the offline ones, exactly (bit for bit), for any piece sizes; frames come out as soon
-as their window is final; the end completes the offline frame count."""
+pieces equal the offline ones (the published ``audio.melspectrogram`` + ``audio.mel_chunk_starts``),
+exactly (bit for bit), for any piece sizes; frames come out as soon as their window is final; the
+end completes the offline frame count. The engine's offline render takes its windows from the same
+source (``lipsync.render.engine.window_groups``)."""
 import os
 
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 import audio
 from conftest import REFERENCE
-from lipsync.render.engine import windows_of
+from lipsync.render.engine import window_groups, windows_of as engine_windows
 from lipsync.render.streaming import FrameWindows, StreamError, StreamingMel, pcm16_to_float
 
 WAV = os.path.join(REFERENCE, "speechlike_16k.wav")  # 3.3 s of speech-like sound
@@ -18,6 +20,15 @@ WAV = os.path.join(REFERENCE, "speechlike_16k.wav")  # 3.3 s of speech-like soun
 def wav():
     # what a PCM16 stream can carry: the samples rounded to 16 bits
     return np.round(np.clip(audio.load_wav(WAV), -1, 1) * 32767).astype(np.float32) / 32768
+
+
+def windows_of(wav, fps):
+    """(frame count, (n, 80, 16) windows) as the published inference makes them: the whole audio's
+    mel, one window per frame from ``audio.mel_chunk_starts`` (the last ones clamped to the end)."""
+    n_out = audio.num_frames_for_audio(len(wav), fps)
+    mel = audio.melspectrogram(wav)
+    starts = audio.mel_chunk_starts(mel.shape[1], fps, n_frames=n_out)
+    return n_out, np.stack([mel[:, s:s + audio.MEL_STEP_SIZE] for s in starts])
 
 
 def pieces(n, ms=None, rng=None):
@@ -85,6 +96,19 @@ def test_a_frame_leaves_as_soon_as_its_window_is_complete(wav):
         assert fw.frames == k
         fw.push(wav[need - 1:need])
         assert fw.frames == k + 1
+
+
+@pytest.mark.parametrize("fps", [25.0, 24000 / 1001])
+def test_the_engine_takes_the_published_windows_in_groups(wav, fps):
+    """Offline render's windows (the streaming source fed in 2 s chunks, cut in groups) are the
+    published windows, in order, whatever the group size."""
+    n_out, published = windows_of(wav, fps)
+    assert engine_windows(wav, fps)[0] == n_out
+    assert np.array_equal(engine_windows(wav, fps)[1], published)
+    for size in (1, 7, 32):
+        groups = list(window_groups(wav, fps, size, chunk_seconds=0.3))
+        assert all(len(g) == size for g in groups[:-1]) and 0 < len(groups[-1]) <= size
+        assert np.array_equal(np.concatenate(groups), published)
 
 
 @pytest.mark.parametrize("n", [3000, 3001, 3199, 3200, 3201, 4567])

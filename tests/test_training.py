@@ -303,7 +303,7 @@ def test_unknown_hparam_is_rejected(data, tmp_path):
 def test_prune_keeps_the_checkpoint_just_written(tmp_path):
     """A fresh run in a folder where an earlier run left higher steps keeps its own new checkpoint;
     latest_checkpoint names the highest step (what the demo resumes from)."""
-    from lipsync.train.training import latest_checkpoint, prune, step_path
+    from lipsync.train.checkpoints import latest_checkpoint, prune, step_path
 
     for step in (700, 750, 800):
         open(step_path(str(tmp_path), "", step), "wb").close()

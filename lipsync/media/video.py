@@ -3,7 +3,7 @@
 Every ffmpeg call is an argument list and names files as ``file:<absolute path>``
 (:func:`lipsync.media.ffmpeg.ffmpeg_path`), so any file name is safe. Frames are streamed: memory does not
 depend on the video's length. Frames and audio are on the file's timeline (see
-:mod:`lipsync.media.ffmpeg`): frame ``k`` is the picture shown ``k / rate`` s after the file's start, and
+:mod:`lipsync.media.probe`): frame ``k`` is the picture shown ``k / rate`` s after the file's start, and
 the audio :class:`VideoWriter` muxes from ``audio_path`` is the audio ``audio.load_wav`` returns
 for that file, so the sound of a written video is the sound its frames were made for.
 """
@@ -20,9 +20,9 @@ from typing import Iterator, Optional
 import numpy as np
 
 from lipsync.core.fileio import atomic_write, finish_partial, partial_path
-from lipsync.media.ffmpeg import (MediaError, MediaInfo, Rate, audio_input_args, ffmpeg_command,
-                           ffmpeg_path, image_signature, probe_media, require_encoder, stderr_reason, to_rate,
-                           video_timeline_filters)
+from lipsync.media.ffmpeg import (MediaError, ffmpeg_command, ffmpeg_path, image_signature, require_encoder,
+                                  stderr_reason)
+from lipsync.media.probe import MediaInfo, Rate, audio_input_args, probe_media, to_rate, video_timeline_filters
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2",
                     ".pbm", ".pgm", ".ppm", ".pnm"}

@@ -19,10 +19,9 @@ import tempfile
 import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 
-from lipsync.render.blending import Blender
+from lipsync.render.blending import cut_crop
 from lipsync.render.boxes import (Coords, DetectionCache, FaceFinder, array_to_boxes, coords_from_detections,
                                   dets_to_array)
 from lipsync.core.errors import Wav2LipError
@@ -63,7 +62,6 @@ class Avatar:
         self.folder = folder
         self.detection_cached = from_cache
         self.frames: Optional[List[np.ndarray]] = None  # decoded frames, once held in memory
-        self.blenders: dict = {}
 
     # ---- what it is ----
     @property
@@ -112,28 +110,6 @@ class Avatar:
         if self.frames is not None:
             return frames_by_index(self.frames, n_out, loop)
         return output_order(self.source, n_out, loop)
-
-    def crop(self, j: int, frame: np.ndarray) -> np.ndarray:
-        """(S, S, 3) uint8 face of source frame j (from the prepared crops, else cut from ``frame``)."""
-        if self.crops is not None:
-            return np.asarray(self.crops[j])
-        return cut_crop(frame, self.box(j), self.img_size)
-
-    def compose(self, frame: np.ndarray, j: int, face: Optional[np.ndarray], blend: str) -> np.ndarray:
-        """Paste the generated ``face`` ((S, S, 3) uint8) into source frame j's box; ``frame`` is
-        returned unchanged when ``face`` is None (no face in that frame)."""
-        if face is None:
-            return frame
-        blender = self.blenders.get(blend)
-        if blender is None:
-            blender = self.blenders[blend] = Blender(blend, self.img_size)
-        return blender.paste(frame, face, self.box(j))
-
-
-def cut_crop(frame: np.ndarray, coords: Coords, img_size: int) -> np.ndarray:
-    """The published crop: the box's pixels resized to (S, S, 3)."""
-    y1, y2, x1, x2 = coords
-    return cv2.resize(frame[y1:y2, x1:x2], (img_size, img_size))
 
 
 # ------------------------------------------------------------------------------------------------

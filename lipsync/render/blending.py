@@ -24,7 +24,7 @@ only on the face size (mask, least-squares projector) is built once per :class:`
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -197,3 +197,46 @@ def paste(frame: np.ndarray, face: np.ndarray, coords: Coords, blend: str,
     if mask is not None and blend != "none" and not np.array_equal(mask, blender.mask):
         blender = Blender(blend, face.shape[0], mask)   # a custom mask: its projector is built per call
     return blender.paste(frame, face, coords)
+
+
+def cut_crop(frame: np.ndarray, coords: Coords, img_size: int) -> np.ndarray:
+    """The published crop: the box's pixels of an (H, W, 3) uint8 frame, resized to (S, S, 3)."""
+    y1, y2, x1, x2 = coords
+    return cv2.resize(frame[y1:y2, x1:x2], (img_size, img_size))
+
+
+class CpuComposer:
+    """The engine's compositor on the host, one frame at a time with OpenCV (:class:`Blender`).
+
+    A compositor has five steps, which :class:`lipsync.render.gpu.TorchComposer` implements on the
+    generator's device with the same signatures: :meth:`upload` (decoded (H, W, 3) uint8 BGR frames
+    into the compositor's form), :meth:`crops` ((B, S, S, 3) uint8 faces cut at (y1, y2, x1, x2)
+    boxes), :meth:`prepared` (an avatar's saved crops into the form :meth:`crops` gives),
+    :meth:`paste` (generated faces into frames at their boxes) and :meth:`download` (back to host
+    frames). ``on_device`` says whether the generator should hand its faces back as device tensors.
+    """
+
+    on_device = False
+
+    def __init__(self, img_size: int, blend: str):
+        self.size = img_size
+        self.blender = Blender(blend, img_size)  # raises BlendError for an unknown mode
+
+    def upload(self, frames: Sequence[np.ndarray]) -> List[np.ndarray]:
+        return list(frames)
+
+    def crops(self, frames: Sequence[np.ndarray], boxes: Sequence[Coords]) -> np.ndarray:
+        return np.stack([cut_crop(f, b, self.size) for f, b in zip(frames, boxes)])
+
+    def prepared(self, crops: np.ndarray) -> np.ndarray:
+        return crops
+
+    def paste(self, frames: List[np.ndarray], faces, boxes: Sequence[Optional[Coords]]) -> List[np.ndarray]:
+        """Paste (B, S, S, 3) uint8 faces into ``frames`` in place (a None box: frame unchanged)."""
+        for frame, face, box in zip(frames, faces, boxes):
+            if box is not None:
+                self.blender.paste(frame, face, box)
+        return frames
+
+    def download(self, frames: List[np.ndarray]) -> List[np.ndarray]:
+        return frames

@@ -10,14 +10,16 @@ from the mel window starting at column ``audio.frame_to_mel_start(k, fps)`` (the
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 import audio
 from lipsync.render.avatar import Avatar
+from lipsync.render.blending import CpuComposer
 from lipsync.core.errors import Wav2LipError
 from lipsync.render.generator import Generator
+from lipsync.render.streaming import FrameWindows
 from lipsync.core.pipeline import Timings, prefetch
 
 # generate(mels (B, 80, 16) float32, faces (B, S, S, 3) uint8, keys) -> (B, S, S, 3) uint8
@@ -26,21 +28,6 @@ GenerateFn = Callable[[np.ndarray, np.ndarray, Optional[list]], np.ndarray]
 
 class RenderError(Wav2LipError, ValueError):
     """Speech the engine cannot render from; the message says why."""
-
-
-def mel_for(wav: np.ndarray) -> np.ndarray:
-    """(80, T) mel spectrogram of 16 kHz mono float32 samples; raises RenderError when not finite."""
-    mel = audio.melspectrogram(wav)
-    if not np.isfinite(mel).all():
-        raise RenderError("the audio produced a non-finite spectrogram")
-    return mel
-
-
-def mel_windows(mel: np.ndarray, fps: float, n_frames: int) -> np.ndarray:
-    """(n_frames, 80, 16) float32: the window of each output frame (the published sequence, then
-    the last window repeated to the end of the audio)."""
-    starts = audio.mel_chunk_starts(mel.shape[1], fps, n_frames=n_frames)
-    return next(_groups(mel, starts, len(starts)))
 
 
 def frame_count(wav: np.ndarray, fps: float) -> int:
@@ -54,10 +41,37 @@ def generate_with(generator: Generator, as_tensor: bool = False) -> GenerateFn:
     return lambda mels, faces, keys: generator.generate(mels, faces, keys, as_tensor=as_tensor)
 
 
-def _groups(mel: np.ndarray, starts: Sequence[int], size: int) -> Iterator[np.ndarray]:
-    """(G, 80, 16) windows, ``size`` frames at a time (cut as needed: memory does not grow with length)."""
-    for k in range(0, len(starts), size):
-        yield np.stack([mel[:, s:s + audio.MEL_STEP_SIZE] for s in starts[k:k + size]])
+def window_groups(wav: np.ndarray, fps: float, size: int, chunk_seconds: float = 2.0) -> Iterator[np.ndarray]:
+    """(G, 80, 16) float32 mel windows of every output frame of ``wav`` (16 kHz mono float32), ``size``
+    frames at a time (G <= ``size``): the audio goes through :class:`~lipsync.render.streaming.
+    FrameWindows`, the window source of live streams, ``chunk_seconds`` at a time, so offline and
+    live frames get their windows from one place and memory does not grow with the audio's length.
+    The windows are the published ones (``audio.melspectrogram`` + ``audio.mel_chunk_starts``; the
+    tests compare them). Raises StreamError (an AudioError) for audio shorter than one window."""
+    windows = FrameWindows(fps)
+    step = max(1, int(chunk_seconds * windows.hp.sample_rate))
+    pending: List[np.ndarray] = []
+    held = 0
+
+    def cut(final: bool) -> Iterator[np.ndarray]:
+        nonlocal pending, held
+        while held >= size or (final and held):
+            joined = np.concatenate(pending)                  # (held, 80, 16)
+            yield joined[:size]
+            rest = joined[size:]
+            pending, held = ([rest] if len(rest) else []), len(rest)
+
+    for k in range(0, len(wav), step):
+        got = windows.push(wav[k:k + step])
+        if len(got):
+            pending.append(got)
+            held += len(got)
+            yield from cut(final=False)
+    got = windows.finish()
+    if len(got):
+        pending.append(got)
+        held += len(got)
+    yield from cut(final=True)
 
 
 def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "repeat", blend: str = "feather",
@@ -73,19 +87,20 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "r
     (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA).
     """
     n_out = frame_count(wav, avatar.fps)
-    mel = mel_for(wav)
-    starts = audio.mel_chunk_starts(mel.shape[1], avatar.fps, n_frames=n_out)
     if cache_faces is None:
         cache_faces = avatar.n_frames is not None and avatar.n_frames < n_out
     if generator.device.type == "cpu":
         batch_size = min(batch_size, 32)  # the CPU runs micro-batches anyway; keep 720p frames in flight few
-    composer = None
+    groups = window_groups(wav, avatar.fps, batch_size)
+    first = next(groups)  # audio too short for one window fails here, before any frame is made
+    groups = itertools.chain([first], groups)
+    composer = CpuComposer(avatar.img_size, blend)
     if on_device if on_device is not None else generator.device.type == "cuda":
         from lipsync.render.gpu import TorchComposer
 
         composer = TorchComposer(avatar.img_size, blend, generator.device)
-    return render_windows(generate_with(generator, as_tensor=composer is not None), avatar,
-                          _groups(mel, starts, batch_size), n_out=n_out, loop=loop, blend=blend, timings=timings,
+    return render_windows(generate_with(generator, as_tensor=composer.on_device), avatar,
+                          groups, n_out=n_out, loop=loop, blend=blend, timings=timings,
                           cache_faces=cache_faces, composer=composer)
 
 
@@ -94,78 +109,51 @@ def render_windows(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.nda
                    cache_faces: bool = False, ahead: int = 1, composer=None) -> Iterator[np.ndarray]:
     """Frames for mel windows arriving in groups ((G, 80, 16) arrays; one output frame per window).
 
-    Source frames are decoded in a thread; generation runs ``ahead`` groups in front of the paste in
-    another, so decoding, the generator and the caller (an encoder, a socket) overlap. ``n_out``:
-    the total when known (None: as many as the groups bring). ``composer``: a
-    :class:`lipsync.render.gpu.TorchComposer` crops and pastes whole groups on the device (then
-    ``generate`` must return faces as a device tensor); without it OpenCV does it per frame.
+    Source frames are decoded in a thread; cropping and generation run ``ahead`` groups in front of
+    the paste in another, so decoding, the generator and the caller (an encoder, a socket) overlap.
+    ``n_out``: the total when known (None: as many as the groups bring). ``composer``: where crops
+    and pastes happen, :class:`lipsync.render.blending.CpuComposer` (the default: OpenCV, frame by
+    frame) or :class:`lipsync.render.gpu.TorchComposer` (whole groups on the device; ``generate``
+    then returns faces as a device tensor).
     """
     timings = timings or Timings()
+    composer = composer if composer is not None else CpuComposer(avatar.img_size, blend)
     frames = avatar.output_frames(n_out, loop)
     with prefetch(frames, 4, "decode", timer=lambda s: timings.add("decode", s)) as decoded:
-        if composer is not None:
-            produced = _device_groups(generate, avatar, groups, decoded, timings, cache_faces, composer)
-            with prefetch(produced, ahead, "generate") as ready:
-                for out in ready:
-                    yield from out
-            return
-        produced = _generated_groups(generate, avatar, groups, decoded, timings, cache_faces)
+        produced = _generated_groups(generate, avatar, groups, decoded, timings, cache_faces, composer)
         with prefetch(produced, ahead, "generate") as ready:
-            for items, faces in ready:
+            for group, idx, boxes, faces in ready:
                 with timings.measure("blend"):
-                    out = [avatar.compose(frame, j, face, blend) for (j, frame), face in zip(items, faces)]
+                    if idx:
+                        composer.paste([group[k] for k in idx], faces, [boxes[k] for k in idx])
+                    out = composer.download(group)
                 yield from out
 
 
 def _generated_groups(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.ndarray],
-                      decoded: Iterator[Tuple[int, np.ndarray]], timings: Timings, cache_faces: bool
-                      ) -> Iterator[Tuple[List[Tuple[int, np.ndarray]], List[Optional[np.ndarray]]]]:
-    """For each group of windows: the (source index, frame) pairs it covers and their generated faces
-    (None for a frame without a face)."""
-    for group in groups:
-        items = list(itertools.islice(decoded, len(group)))
-        if len(items) < len(group):
-            raise RenderError("internal error: the face video ended before the audio")
-        idx = [k for k, (j, _) in enumerate(items) if avatar.box(j) is not None]
-        with timings.measure("crop" if avatar.crops is None else "decode"):  # prepared crops: just a read
-            crops = np.stack([avatar.crop(items[k][0], items[k][1]) for k in idx]) if idx else None
-        faces: List[Optional[np.ndarray]] = [None] * len(items)
-        if idx:
-            keys = [(avatar.key, items[k][0]) for k in idx] if cache_faces else None
-            with timings.measure("generate"):
-                made = generate(np.asarray(group)[idx], crops, keys)
-            for k, face in zip(idx, made):
-                faces[k] = face
-        yield items, faces
-
-
-def _device_groups(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.ndarray],
-                   decoded: Iterator[Tuple[int, np.ndarray]], timings: Timings, cache_faces: bool, composer
-                   ) -> Iterator[List[np.ndarray]]:
-    """For each group: its finished frames, cropped, generated and pasted on the composer's device."""
-    import torch
-
-    for group in groups:
-        items = list(itertools.islice(decoded, len(group)))
-        if len(items) < len(group):
+                      decoded: Iterator[Tuple[int, np.ndarray]], timings: Timings, cache_faces: bool, composer
+                      ) -> Iterator[Tuple[list, List[int], list, object]]:
+    """For each group of windows: its frames in the composer's form, the positions of those with a
+    face, every frame's box (None: no face) and the generated faces of the positions (B, S, S, 3)."""
+    for windows in groups:
+        items = list(itertools.islice(decoded, len(windows)))
+        if len(items) < len(windows):
             raise RenderError("internal error: the face video ended before the audio")
         boxes = [avatar.box(j) for j, _ in items]
         idx = [k for k, b in enumerate(boxes) if b is not None]
         with timings.measure("decode"):
-            frames = composer.upload([f for _, f in items])
+            group = composer.upload([f for _, f in items])
+        faces = None
         if idx:
-            with timings.measure("crop" if avatar.crops is None else "decode"):
+            with timings.measure("crop" if avatar.crops is None else "decode"):  # prepared crops: just a read
                 if avatar.crops is None:
-                    crops = composer.crops([frames[k] for k in idx], [boxes[k] for k in idx])
+                    crops = composer.crops([group[k] for k in idx], [boxes[k] for k in idx])
                 else:
-                    crops = torch.from_numpy(np.stack([avatar.crops[items[k][0]] for k in idx])).to(composer.device)
+                    crops = composer.prepared(np.stack([avatar.crops[items[k][0]] for k in idx]))
             keys = [(avatar.key, items[k][0]) for k in idx] if cache_faces else None
             with timings.measure("generate"):
-                made = generate(np.asarray(group)[idx], crops, keys)
-            with timings.measure("blend"):
-                composer.paste([frames[k] for k in idx], made, [boxes[k] for k in idx])
-        with timings.measure("blend"):
-            yield composer.download(frames)
+                faces = generate(np.asarray(windows)[idx], crops, keys)
+        yield group, idx, boxes, faces
 
 
 def count_missing(avatar: Avatar, n_out: int, loop: str) -> int:
@@ -181,9 +169,8 @@ def count_missing(avatar: Avatar, n_out: int, loop: str) -> int:
 
 def windows_of(wav: np.ndarray, fps: float) -> Tuple[int, np.ndarray]:
     """(frame count, (n, 80, 16) windows) of a whole audio: what :func:`render` feeds."""
-    n_out = frame_count(wav, fps)
-    return n_out, mel_windows(mel_for(wav), fps, n_out)
+    return frame_count(wav, fps), np.concatenate(list(window_groups(wav, fps, 1 << 30)))
 
 
-__all__ = ["GenerateFn", "RenderError", "count_missing", "frame_count", "generate_with", "mel_for", "mel_windows",
-           "render", "render_windows", "windows_of"]
+__all__ = ["GenerateFn", "RenderError", "count_missing", "frame_count", "generate_with", "render", "render_windows",
+           "window_groups", "windows_of"]

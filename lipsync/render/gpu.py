@@ -35,7 +35,10 @@ def area(img: torch.Tensor, n: int) -> torch.Tensor:
 
 class TorchComposer:
     """Batched crop / paste for the engine on ``device``, equivalent to :class:`Blender` and the
-    published crop up to rounding (within a few grey levels; tests bound it)."""
+    published crop up to rounding (within a few grey levels; tests bound it). The compositor
+    interface of :class:`lipsync.render.blending.CpuComposer`, on the device."""
+
+    on_device = True
 
     def __init__(self, img_size: int, blend: str, device: torch.device):
         self.size = img_size
@@ -84,6 +87,10 @@ class TorchComposer:
         s = self.size
         out = [resize(f[:, y1:y2, x1:x2], s, s) for f, (y1, y2, x1, x2) in zip(frames, boxes)]
         return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+    def prepared(self, crops: np.ndarray) -> torch.Tensor:
+        """An avatar's saved (B, S, S, 3) uint8 crops, on the device."""
+        return torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
 
     def paste(self, frames: List[torch.Tensor], faces: torch.Tensor, boxes: Sequence[Optional[Coords]]
               ) -> List[torch.Tensor]:

@@ -25,6 +25,7 @@ from lipsync.render.avatar import Avatar, check_save_target, load_avatar, prepar
 from lipsync.render.avatar_settings import AvatarSettings, settings_from_flags
 from lipsync.render.boxes import DetectionCache
 from lipsync.core.device import resolve_device
+from lipsync.render.streaming import warm_up_mel
 from lipsync.render.engine import count_missing, frame_count, render
 from lipsync.core.errors import Wav2LipError
 from lipsync.core.settings import settings_dataclass
@@ -254,7 +255,7 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
     # the first mel imports librosa's STFT (numba: seconds); let that happen while the model loads
     import threading
 
-    warm = threading.Thread(target=audio.melspectrogram, args=(np.zeros(3200, np.float32),), daemon=True)
+    warm = threading.Thread(target=warm_up_mel, daemon=True)
     warm.start()
     generator = generator or load_generator(cfg)
     prep = Timings()

@@ -28,7 +28,9 @@ import torch
 
 from lipsync.core.errors import Wav2LipError
 from lipsync.core.fileio import atomic_write
-from lipsync.render.generator import CPU_MICRO_BATCHES, CpuTuner, FaceFeatures, Generator, PrecisionError
+from lipsync.render.cpu import CPU_MICRO_BATCHES, CpuTuner, PrecisionError
+from lipsync.render.forward import ForwardQueue
+from lipsync.render.generator import FaceFeatures, Generator
 
 OPSET = 17  # ONNX Runtime >= 1.14, TensorRT >= 8.6 and OpenVINO >= 2023.0 run it
 # onnx Runtime and torch agree to about 1e-6 on these models in fp32; 1e-4 leaves room for the
@@ -135,9 +137,6 @@ class OnnxGenerator(Generator):
 
     def __init__(self, onnx_path: str, device="auto", precision: str = "auto", threads: Optional[int] = None,
                  micro_batch: Optional[int] = None, face_cache_mb: float = 0):
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
-
         if isinstance(device, torch.device):
             device = device.type
         if device not in ("auto", "cpu"):
@@ -164,10 +163,8 @@ class OnnxGenerator(Generator):
         # ONNX Runtime keeps its own thread pool: only the micro-batch is tuned
         mbs = (micro_batch,) if micro_batch else CPU_MICRO_BATCHES
         self.tuner = CpuTuner(threads=threads or torch.get_num_threads(), micro_batches=mbs)
-        self.lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
-        self._forward_thread = None
         self.bank = None
+        self.queue = ForwardQueue(self._generate)
 
     def describe(self) -> str:
         return (f"{self.img_size}x{self.img_size} generator (width {self.width:g}) on the CPU, ONNX Runtime "

@@ -166,7 +166,7 @@ class FrameWindows:
         self._add(self.mel.finish())
         cols = self.mel.columns
         if cols < self.step:
-            raise StreamError(f"the stream's audio is too short: {self.samples / self.hp.sample_rate:.3f} s gives "
+            raise StreamError(f"the audio is too short: {self.samples / self.hp.sample_rate:.3f} s gives "
                               f"{cols} mel columns; a frame needs {self.step}, which takes at least "
                               f"{(self.step - 1) * self.hp.hop_size / self.hp.sample_rate:.4g} s")
         self.total = audio.num_frames_for_audio(self.samples, self.fps, self.hp)
@@ -194,3 +194,10 @@ class FrameWindows:
             self._cols = self._cols[:, keep - self._col0:]
             self._col0 = keep
         return out
+
+
+def warm_up_mel() -> None:
+    """Compute a few mel columns once: the first STFT imports librosa's (numba compiles and loads its
+    caches), seconds that would otherwise stall the first render or the first stream. Callers run it
+    in a thread while the model loads (inference) or before serving (the server)."""
+    FrameWindows(25.0).push(np.zeros(default_hparams.sample_rate // 2, np.float32))  # 0.5 s: some columns are final

@@ -11,7 +11,7 @@ under uvicorn. The contract (docs/serving.md):
 - ``POST /v1/lipsync`` (multipart ``avatar_id`` or ``face`` file, and ``audio`` file) -> video/mp4,
   what ``inference.py`` writes for that face and audio.
 - WebSocket ``/v1/stream?avatar_id=ID``: see :mod:`lipsync.serve.sessions`.
-- ``/``: the web page (``lipsync/web/index.html``), ``/web/...``: its other files.
+- ``/``: the web page (``lipsync/serve/web/index.html``), ``/web/...``: its other files.
 
 Errors are JSON ``{"detail": message}``: 401 without the token (when the server has one), 404 for
 an unknown avatar id, 409 deleting an avatar in use, 413 for an upload over ``max_upload_mb``
@@ -30,22 +30,11 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Router
 
 from lipsync.core.errors import Wav2LipError
+from lipsync.render.streaming import warm_up_mel
 from lipsync.serve.auth import TokenRequired, guarded, method_not_allowed, refuse
 from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound
 from lipsync.serve.routes import avatars, jobs, page, stream
 from lipsync.serve.state import ApiError, ServerState, get_state
-
-
-def warm_up_mel() -> None:
-    """Compute one streaming mel before serving: the first STFT imports librosa's (numba compiles and
-    loads its caches), seconds that would otherwise stall the event loop, and so every stream, when
-    the first audio of the first stream arrives."""
-    import numpy as np
-
-    import audio
-    from lipsync.render.streaming import FrameWindows
-
-    FrameWindows(25.0).push(np.zeros(audio.SAMPLE_RATE // 2, np.float32))  # 0.5 s: some columns are final
 
 
 @contextlib.asynccontextmanager

@@ -12,11 +12,12 @@ How a session runs:
   (:class:`lipsync.render.streaming.FrameWindows`) and queues them for the render thread.
 - The render thread runs :func:`lipsync.render.engine.render_windows` (the one render path) on those
   windows with a ``generate`` function that goes through the server's cross-session
-  :class:`lipsync.serve.batching.Batcher`, encodes each frame as JPEG and posts it to the session's
-  :class:`Outbox`.
+  :class:`lipsync.render.forward.ForwardQueue`, encodes each frame as JPEG and posts it to the session's
+  :class:`~lipsync.serve.stream_output.Outbox`.
 - The sending coroutine writes the outbox to the socket.
 - While no audio arrives, an idle ticker sends ``{"type": "idle", ...}`` frames (see
-  :class:`IdleFrames`): the avatar keeps moving, the talk frames' numbering and count are untouched.
+  :class:`~lipsync.serve.stream_output.IdleFrames`): the avatar keeps moving, the talk frames'
+  numbering and count are untouched.
 
 Bounded everywhere: the outbox holds ``send_buffer`` frames (a slow reader loses the oldest idle,
 then the oldest talk frames, and is told how many at the end); a client that sends audio faster
@@ -31,11 +32,9 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional, Tuple
+from collections import deque
+from typing import Deque, List, Optional, Tuple
 
-import cv2
 import numpy as np
 import torch
 
@@ -43,15 +42,13 @@ import audio
 from lipsync.render.avatar import Avatar
 from lipsync.render.engine import GenerateFn, render_windows
 from lipsync.core.errors import Wav2LipError
-from lipsync.media.frames import source_index
 from lipsync.core.pipeline import END, StageStopped
 from lipsync.render.streaming import FrameWindows, StreamError, pcm16_to_float
+from lipsync.serve.stream_output import SAMPLE_BYTES, FrameSink, IdleFrames, Outbox, StreamOptions, encode_jpeg
 
 log = logging.getLogger(__name__)
 
-SAMPLE_BYTES = 2                 # signed 16-bit PCM
 MAX_GROUP = 16                   # windows handed to the render path at once (the most frames posted in one burst)
-IDLE_SWING_S = 1.0               # idle frames wander at most this far (seconds of video) from the next talk frame
 MAX_TEXT_BYTES = 4096
 
 # WebSocket close codes (RFC 6455)
@@ -62,147 +59,6 @@ CLOSE_POLICY = 1008              # no audio for too long
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """How sessions run (``serve.py`` flags of the same names).
-
-    ``idle_grace``: seconds past the expected arrival of the next audio message (the last one's
-    arrival plus its duration) before idle frames start; negative: never send idle frames.
-    ``idle_timeout``: seconds without audio after which the session ends with an error.
-    ``send_buffer``: frames queued per session for a slow reader before the oldest are dropped (at
-    least ``MAX_GROUP``: the render thread posts up to that many frames at once, which a reader that
-    keeps up must not lose).
-    ``max_pending``: frames of audio received but not yet rendered before the socket is no longer read.
-    ``max_message_bytes``: the largest PCM message accepted (default 1 s of audio). ``on_device``:
-    crop and paste on the generator's device (:class:`lipsync.render.gpu.TorchComposer`; None: on CUDA),
-    as :func:`lipsync.render.engine.render` does.
-    """
-
-    blend: str = "feather"
-    loop: str = "repeat"
-    on_device: Optional[bool] = None
-    jpeg_quality: int = 80
-    idle_grace: float = 0.25
-    idle_timeout: float = 300.0
-    send_buffer: int = 50
-    max_pending: int = 100
-    max_message_bytes: int = audio.SAMPLE_RATE * SAMPLE_BYTES
-
-
-FrameSink = Callable[[str, int, np.ndarray], None]
-
-
-def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
-    """(H, W, 3) uint8 BGR -> JPEG bytes."""
-    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise Wav2LipError("internal error: JPEG encoding failed")
-    return buf.tobytes()
-
-
-# ------------------------------------------------------------------------------------------------
-class Outbox:
-    """What one session has to send, bounded: at most ``capacity`` frames wait (talk and idle).
-
-    Used from the event loop only (the render thread posts with ``loop.call_soon_threadsafe``).
-    When full, the oldest idle frame is dropped first, else the oldest talk frame; ``dropped``
-    counts the talk frames lost. Control messages (end, error) are never dropped.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = max(1, capacity)
-        self.items: Deque[tuple] = deque()
-        self.frames = 0
-        self.dropped = 0
-        self.dropped_idle = 0
-        self.event = asyncio.Event()
-
-    def put(self, item: tuple) -> None:
-        kind = item[0]
-        if kind in ("frame", "idle"):
-            if self.frames >= self.capacity and not self._drop_one(incoming=kind):
-                return
-            self.frames += 1
-        self.items.append(item)
-        self.event.set()
-
-    def _drop_one(self, incoming: str) -> bool:
-        """Make room for one frame; False when the incoming (idle) frame should be dropped instead."""
-        for kinds in (("idle",), ("frame",)):
-            for k, item in enumerate(self.items):
-                if item[0] in kinds:
-                    del self.items[k]
-                    self.frames -= 1
-                    if item[0] == "idle":
-                        self.dropped_idle += 1
-                    else:
-                        self.dropped += 1
-                    return True
-            if incoming == "idle":  # never push out a talk frame for an idle one
-                self.dropped_idle += 1
-                return False
-        return True
-
-    async def get(self) -> tuple:
-        while not self.items:
-            self.event.clear()
-            await self.event.wait()
-        item = self.items.popleft()
-        if item[0] in ("frame", "idle"):
-            self.frames -= 1
-        return item
-
-
-class IdleFrames:
-    """What an idle session shows: the avatar's own source frames (no generation), JPEG-encoded once
-    and shared by all sessions (at most ``max_items`` kept).
-
-    The ``m``-th idle frame of a pause that began before talk frame ``k`` shows the source frame of
-    talk position ``k + offset(m)``, where the offset goes 1, 2, ... up to about a second of video
-    and back to 0, and again: the face keeps moving as in its video, continuing from the last talk
-    frame, and when speech resumes at frame ``k`` the picture is at most that second away from
-    where the talk frames go on. A photo avatar idles on its photo.
-    """
-
-    def __init__(self, quality: int, max_items: int = 512):
-        self.quality = quality
-        self.max_items = max_items
-        self._cache: "OrderedDict[Tuple[str, int], bytes]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def offset(m: int, swing: int) -> int:
-        """Offset of the ``m``-th idle frame of a pause: 1, 2, ..., swing, swing - 1, ..., 0, 1, ..."""
-        if swing < 1:
-            return 0
-        p = (m + 1) % (2 * swing)
-        return p if p <= swing else 2 * swing - p
-
-    def source_of(self, avatar: Avatar, next_talk: int, m: int, loop: str) -> int:
-        """The source frame of the ``m``-th idle frame before talk frame ``next_talk``."""
-        n = avatar.n_frames or 1
-        swing = max(1, round(avatar.fps * IDLE_SWING_S))
-        return source_index(next_talk + self.offset(m, swing), n, loop)
-
-    def jpeg(self, avatar: Avatar, j: int) -> bytes:
-        """JPEG of source frame ``j`` (the first frame when the avatar's frames are not held in memory)."""
-        frames = avatar.frames
-        if frames is None:
-            j = -1
-        key = (avatar.key, j)
-        with self._lock:
-            data = self._cache.get(key)
-            if data is not None:
-                self._cache.move_to_end(key)
-                return data
-        frame = avatar.source.first_frame() if j < 0 else frames[j]
-        data = encode_jpeg(frame, self.quality)
-        with self._lock:
-            self._cache[key] = data
-            while len(self._cache) > self.max_items:
-                self._cache.popitem(last=False)
-        return data
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,7 +74,7 @@ class StreamSession:
     """One WebSocket stream of ``avatar``; :meth:`run` serves it until the end, an error or the
     client's departure, and always leaves the render thread stopped.
 
-    ``generate``: the session's generate function (its share of the batcher). ``frame_sink(sid, i,
+    ``generate``: the session's generate function (its share of the generator's forward queue). ``frame_sink(sid, i,
     frame)``: receives every talk frame before JPEG encoding (tests compare them with offline
     frames). ``idle``: the server's shared :class:`IdleFrames`. ``device``: the generator's device
     (for ``options.on_device``).
@@ -253,7 +109,7 @@ class StreamSession:
 
     # ---- state other parts read -----------------------------------------------------------------
     def in_flight(self) -> bool:
-        """Whether frames of this session wait for the generator (the batcher waits for such sessions)."""
+        """Whether frames of this session wait for the generator (the forward queue waits for such sessions)."""
         return self.windows.frames > self.produced and not self.cancel.is_set()
 
     # ---- the render thread ----------------------------------------------------------------------

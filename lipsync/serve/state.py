@@ -1,5 +1,5 @@
 """What the server runs on: its configuration (:class:`ServerConfig`, the ``serve.py`` flags) and
-its state (:class:`ServerState`: the generator, the avatars, the batcher, the sessions), which the
+its state (:class:`ServerState`: the generator, the avatars, the sessions), which the
 routes get through the :func:`get_state` dependency; :class:`ApiError`, an HTTP error response.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from starlette.requests import HTTPConnection
 from lipsync.render.avatar import Avatar
 from lipsync.render.generator import Generator
 from lipsync.serve.avatar_store import AvatarStore
-from lipsync.serve.batching import Batcher
-from lipsync.serve.sessions import CLOSE_GOING_AWAY, FrameSink, IdleFrames, StreamOptions, StreamSession
+from lipsync.serve.sessions import CLOSE_GOING_AWAY, StreamSession
+from lipsync.serve.stream_output import FrameSink, IdleFrames, StreamOptions
 
 SHUTDOWN_MESSAGE = "the server shut down before this request was finished; nothing was kept"
 
@@ -54,7 +54,7 @@ class ApiError(Exception):
 
 
 class ServerState:
-    """Everything the app serves from: the generator, the avatars, the batcher, the sessions.
+    """Everything the app serves from: the generator, the avatars, the sessions.
 
     ``frame_sink(session_id, index, frame)``: receives every streamed and /v1/lipsync frame before
     encoding (a test hook; /v1/lipsync frames come with the id ``"lipsync-<n>"``).
@@ -69,8 +69,8 @@ class ServerState:
         self.sessions: Dict[str, Optional[StreamSession]] = {}  # None: a /v1/lipsync job
         self.lock = threading.Lock()
         self.idle = IdleFrames(config.stream.jpeg_quality)
-        self.batcher = Batcher(generator, max_batch=config.max_batch, max_wait=config.batch_wait_ms / 1000.0,
-                               busy=self._busy)
+        generator.queue.configure(max_batch=config.max_batch, max_wait=config.batch_wait_ms / 1000.0,
+                                  busy=self._busy)
         # long work runs on its own threads, never on the event loop's default executor (which the
         # short calls of every request and stream need): avatars are prepared one at a time (face
         # detection competes with generation), /v1/lipsync jobs one thread per session slot
@@ -128,8 +128,7 @@ class ServerState:
     def _forget_faces(self, avatar: Avatar) -> None:
         bank = self.generator.bank
         if bank is not None:
-            with self.generator.lock:
-                bank.forget(avatar.key)
+            bank.forget(avatar.key)
 
     async def end_streams(self, grace: float = 5.0) -> None:
         """Refuse new sessions and end running streams with an error message (``{"type": "error"}``,
@@ -148,14 +147,14 @@ class ServerState:
 
     async def close(self, grace: float = 5.0, prepare_grace: float = 60.0) -> None:
         """Shutdown, after the HTTP server stopped: end streams, let an avatar being prepared finish
-        (up to ``prepare_grace`` seconds), stop the batcher, remove unfinished uploads and saves."""
+        (up to ``prepare_grace`` seconds), remove unfinished uploads and saves (the generator, and its
+        forward queue, belong to whoever loaded it)."""
         await self.end_streams(grace)
         # queued preparations are cancelled; the one running may finish (saved whole) within the grace
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.to_thread(self.prepare_pool.shutdown, True, cancel_futures=True),
                                    prepare_grace)
         self.job_pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self.batcher.close)
         self.store.cleanup()
 
     def health(self) -> dict:
@@ -166,7 +165,7 @@ class ServerState:
         return {"status": "shutting down" if self.closing else "ok", "model": g.describe(), "img_size": g.img_size,
                 "device": str(g.device), "precision": g.precision,
                 "sessions": {"streams": streams, "lipsync_jobs": jobs, "max": self.config.max_sessions},
-                "avatars": len(self.store.ids()), "batches": self.batcher.stats.as_dict(),
+                "avatars": len(self.store.ids()), "batches": self.generator.queue.stats.as_dict(),
                 "auth": self.config.token is not None}
 
 

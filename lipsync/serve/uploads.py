@@ -75,7 +75,8 @@ def media_kinds(path: str) -> set:
     """What a file holds, judged by its content (not its name): {"image"} for a still photo, else
     the streams ffmpeg finds, a subset of {"video", "audio"} (empty: not media ffmpeg reads, or a
     container that is not a self-contained file: see :data:`UPLOAD_FORMATS`)."""
-    from lipsync.media.ffmpeg import MediaError, image_signature, probe_media
+    from lipsync.media.ffmpeg import MediaError, image_signature
+    from lipsync.media.probe import probe_media
 
     with open(path, "rb") as fh:
         if image_signature(fh.read(32)):
@@ -94,7 +95,8 @@ def media_limits(path: str, config: ServerConfig, what: str) -> None:
     """Refuse (ApiError 422) an uploaded face whose frames have more than ``max_frame_pixels`` pixels
     or that lasts more than ``max_avatar_seconds`` (``what`` "face"), or audio longer than
     ``max_audio_seconds`` (``what`` "audio"): a small file can otherwise decode to gigabytes."""
-    from lipsync.media.ffmpeg import MediaError, probe_media
+    from lipsync.media.ffmpeg import MediaError
+    from lipsync.media.probe import probe_media
 
     try:
         info = probe_media(path)

@@ -7,8 +7,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from lipsync.train.checkpoints import load_training_checkpoint, unwrap
 from lipsync.train.data import GeneratorDataset, SyncDataset
-from lipsync.train.training import Trainer, load_training_checkpoint, unwrap
+from lipsync.train.training import Trainer
 from models import build_disc, build_expert, build_generator, cosine_sync_probability, load_model
 
 log = logging.getLogger("train")

@@ -1,4 +1,4 @@
-"""``GET /healthz``, the web page at ``/`` and its files under ``/web`` (``lipsync/web``)."""
+"""``GET /healthz``, the web page at ``/`` and its files under ``/web`` (``lipsync/serve/web``)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from starlette.staticfiles import StaticFiles
 from lipsync.serve.auth import guarded, require_token
 from lipsync.serve.state import ApiError, ServerState, get_state
 
-WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "web")
+WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
 
 router = APIRouter(dependencies=[Depends(require_token)])
 
@@ -23,10 +23,10 @@ async def healthz(state: ServerState = Depends(get_state)):
 
 @router.get("/")
 async def page():
-    """The web page (lipsync/web/index.html); 404 when it is not installed."""
+    """The web page (lipsync/serve/web/index.html); 404 when it is not installed."""
     index = os.path.join(WEB_DIR, "index.html")
     if not os.path.isfile(index):
-        raise ApiError(404, "the web page is not installed (lipsync/web/index.html)")
+        raise ApiError(404, "the web page is not installed (lipsync/serve/web/index.html)")
     return FileResponse(index, media_type="text/html")
 
 

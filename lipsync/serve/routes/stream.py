@@ -34,7 +34,7 @@ async def stream(ws: WebSocket, state: ServerState = Depends(get_state)):
             return await deny(ws, 404, str(exc))
         except Wav2LipError as exc:
             return await deny(ws, 422, f"avatar {avatar_id} cannot be used: {state.public(str(exc))}")
-        session = StreamSession(sid, avatar, state.batcher.generate_for(sid), state.config.stream, state.idle,
+        session = StreamSession(sid, avatar, state.generator.queue.generate_for(sid), state.config.stream, state.idle,
                                 state.frame_sink, device=state.generator.device)
         await ws.accept()
         with state.lock:
