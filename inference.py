@@ -21,6 +21,7 @@ from lipsync.render.settings import AVATAR, INFERENCE, check_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of :data:`lipsync.render.settings.INFERENCE`, in order, and ``--ffmpeg``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p, INFERENCE)
     from lipsync.media.ffmpeg import add_ffmpeg_arg

@@ -26,7 +26,7 @@ class Setting:
     one default (a tuple with ``nargs``; the flag shows it as a list, as argparse gives it).
     ``field``: a field of the config class (False: command line only, or a field the class declares
     itself with another type). ``avatar``: for a setting that decides an avatar's frames, where
-    :class:`lipsync.render.avatar.AvatarSettings` keeps it (``"detection.scale"``); avatar.json
+    :class:`lipsync.render.avatar_settings.AvatarSettings` keeps it (``"detection.scale"``); avatar.json
     records it under ``name``.
     """
 
@@ -44,6 +44,7 @@ class Setting:
 
     @property
     def flag(self) -> str:
+        """The command-line flag, ``--name``."""
         return "--" + self.name
 
     @property

@@ -130,8 +130,7 @@ def validate(cfg: InferenceConfig) -> None:
     for name in ("blend", "loop", "on_missing_face", "preset"):
         value, choices = getattr(cfg, name), SETTINGS[name].choices
         if value not in choices and value != SETTINGS[name].default:
-            raise InferenceError(f"--{name} must be {', '.join(choices[:-1]) + ' or ' if choices[1:] else ''}"
-                                 f"{choices[-1]}, got {value!r}")
+            raise InferenceError(f"--{name} must be {' or '.join(choices)}, got {value!r}")
     if cfg.resize_factor < 1:
         raise InferenceError("--resize_factor must be >= 1")
     if cfg.wav2lip_batch_size < 1 or cfg.face_det_batch_size < 1:

@@ -181,6 +181,7 @@ class Uploads:
 
     @property
     def limit_bytes(self) -> int:
+        """The largest request body, bytes (``--max_upload_mb``)."""
         return int(self.config.max_upload_mb * 2 ** 20)
 
     async def form(self, request: Request):
