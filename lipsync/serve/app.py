@@ -76,7 +76,7 @@ def _error_responses(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(AvatarInUse)
-    async def in_use(request, exc):
+    async def avatar_in_use(request, exc):
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(Wav2LipError)
