@@ -460,9 +460,40 @@ def test_streamed_frames_equal_offline_frames(media, served, chunk_ms):
         assert np.abs(jpeg.astype(int) - a).mean() < 4  # the JPEG is that frame
 
 
+def test_offline_and_live_frames_take_one_path(media, served, monkeypatch):
+    """A window's walk: offline render() and a streaming session both get their windows from
+    FrameWindows, crop and generate in engine._generated_groups, run the forward pass on the
+    generator's ForwardQueue and paste with the CpuComposer."""
+    import lipsync.render.engine as engine
+    from lipsync.render.blending import CpuComposer
+    from lipsync.render.streaming import FrameWindows
+
+    seen = []
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for owner, name in ((FrameWindows, "push"), (engine, "_generated_groups"), (ForwardQueue, "_forward"),
+                        (CpuComposer, "paste")):
+        spy(owner, name)
+    client, avatar_id, _, folder = served
+    pcm = media["pcm"]
+    list(render(media["gen"], load_avatar(folder, 96), pcm.astype(np.float32) / 32768))
+    offline, seen[:] = set(seen), []
+    with client.websocket_connect(f"/v1/stream?avatar_id={avatar_id}") as ws:
+        stream_pcm(ws, pcm, 100)
+        read_stream(ws)
+    assert offline == set(seen) == {"push", "_generated_groups", "_forward", "paste"}
+
+
 def test_the_device_composer_path(media, tmp_path):
     """What a CUDA server runs (crop and paste by lipsync.render.gpu.TorchComposer, crops and faces as
-    device tensors through the batcher), here on the CPU: frames equal render(..., on_device=True)
+    device tensors through the forward queue), here on the CPU: frames equal render(..., on_device=True)
     up to a grey level on a few pixels."""
     sink = Frames()
     pcm = media["pcm"][:6400]
