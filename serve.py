@@ -17,13 +17,14 @@ import os
 import re
 import sys
 
-from face_detection import BACKENDS
-from lipsync.core.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, THREADS_HELP, HelpFormatter
-from lipsync.core.device import DEVICE_CHOICES
+from lipsync.core.cli import HelpFormatter
 from lipsync.core.errors import Wav2LipError
+from lipsync.core.settings import add_arguments
+from lipsync.render.settings import SETTINGS
 from lipsync.serve.sessions import MAX_GROUP
 
 TOKEN_ENV = "WAV2LIP_TOKEN"
+SHARED_FLAGS = ("device", "precision", "threads", "face_detector", "s3fd_path")  # declared in lipsync.render.settings
 
 
 class ServeError(Wav2LipError, ValueError):
@@ -33,21 +34,16 @@ class ServeError(Wav2LipError, ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
-    add("--checkpoint_path", required=True, help="generator checkpoint (wav2lip.pth, wav2lip_gan.pth, or one trained "
-                                                 "here), or a .onnx file from export_onnx.py (run by ONNX Runtime)")
+    add_arguments(p, [SETTINGS["checkpoint_path"]])
     add("--host", default="127.0.0.1", help="address to listen on; anything but a loopback address needs --token")
     add("--port", type=int, default=8000, help="TCP port")
     add("--avatars_dir", default="avatars", help="where prepared avatars are kept (one folder per avatar id)")
-    add("--token", default=os.environ.get(TOKEN_ENV),
+    add("--token", default=os.environ.get(TOKEN_ENV) or None,
         help=f"require this token on every request (Authorization: Bearer TOKEN, or ?token=TOKEN); default: "
              f"${TOKEN_ENV}, else none")
     add("--max_sessions", type=int, default=8, help="streams plus /v1/lipsync jobs at once; more get 503")
-    add("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
-    add("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    add("--threads", type=int, default=None, help=THREADS_HELP)
-    add("--face_detector", choices=BACKENDS, default="sfd",
-        help="detector for uploaded faces without a box: sfd (S3FD, needs s3fd.pth) or lbp (no download)")
-    add("--s3fd_path", default=None, help="S3FD weights (None: face_detection/detection/sfd/s3fd.pth)")
+    # the generator's and the detector's flags are inference.py's (for uploaded faces without a box)
+    add_arguments(p, [SETTINGS[name] for name in SHARED_FLAGS])
     add("--max_upload_mb", type=float, default=200.0, help="largest request body (uploads), MB; larger get 413")
     add("--upload_timeout", type=float, default=600.0, help="seconds a request body may take to arrive; later: 408")
     add("--max_frame_pixels", type=int, default=3840 * 2160,

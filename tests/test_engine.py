@@ -157,6 +157,7 @@ def _damage(folder, tmp_path, how):
     ("detector", ["--face_detector", "sfd"], "--face_detector"),
     ("pads", ["--pads", "0", "20", "0", "0"], "--pads"),
     ("resize", ["--resize_factor", "2"], "--resize_factor"),
+    ("published", ["--preset", "published"], "--det_every"),   # boxes from every 5th frame are not published
     ("layout", ["288"], "288x288"),
     ("version", [], "version"),
     ("json", [], "damaged"),

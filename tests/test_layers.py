@@ -9,6 +9,7 @@ video, frame sources), the published root modules (``audio.py``, ``hparams.py``,
 import ast
 import glob
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,17 +32,21 @@ def library_files():
 
 
 def imports(path):
-    """(line, module) of every absolute import in ``path`` (``from a import b`` gives ``a`` and ``a.b``;
-    relative imports stay inside their own package, so inside their layer)."""
+    """(line, module) of every import in ``path``, at any depth (``from a import b`` gives ``a`` and
+    ``a.b``; a relative import is resolved against the module's package, so ``from ..render import
+    engine`` in ``lipsync/core/x.py`` gives ``lipsync.render`` and ``lipsync.render.engine``)."""
     tree = ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read())
+    package = os.path.dirname(path).replace("/", ".").split(".") if os.path.dirname(path) else []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            yield node.lineno, node.module
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] if node.level else [])
+            module = ".".join(p for p in (base, node.module or "") if p)
+            yield node.lineno, module
             for alias in node.names:
-                yield node.lineno, f"{node.module}.{alias.name}"
+                yield node.lineno, f"{module}.{alias.name}"
 
 
 def test_no_module_imports_a_higher_layer():
@@ -73,7 +78,14 @@ def test_no_module_is_over_about_400_lines():
     assert not long, long
 
 
-def test_the_layer_check_sees_a_violation():
-    """The check above can fail: a core module importing the renderer is caught."""
+def test_the_layer_check_sees_a_violation(tmp_path, monkeypatch):
+    """The check above can fail: a core module importing the renderer, absolutely or relatively, is
+    caught."""
     assert RANK[layer_of("lipsync.render.engine")] > RANK[layer_of("lipsync.core.errors")]
     assert layer_of("lipsyncx.core") is None and layer_of("models.wav2lip") == "models"
+    (tmp_path / "lipsync" / "core").mkdir(parents=True)
+    (tmp_path / "lipsync" / "core" / "x.py").write_text("from ..render import engine\nfrom . import errors\n"
+                                                        "def f():\n    import lipsync.serve.app\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    found = {m for _, m in imports("lipsync/core/x.py")}
+    assert {"lipsync.render.engine", "lipsync.core.errors", "lipsync.serve.app"} <= found

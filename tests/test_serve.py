@@ -256,6 +256,9 @@ def test_lipsync_is_what_inference_writes(media, tmp_path):
         with open(media["tone"], "rb") as a, open(media["video"], "rb") as f:
             r2 = client.post("/v1/lipsync", data={"box": BOX}, files={"audio": ("a.wav", a), "face": ("f.bin", f)})
         assert r2.status_code == 200
+        with open(media["tone"], "rb") as a:  # an avatar keeps its own box and frame rate
+            r3 = client.post("/v1/lipsync", data={"avatar_id": avatar_id, "fps": "30"}, files={"audio": ("a.wav", a)})
+        assert r3.status_code == 422 and "avatar" in r3.json()["detail"]
     expected = {}
     cfg = InferenceConfig(checkpoint_path=media["ckpt"], face=None, avatar=str(tmp_path / "avatars" / avatar_id),
                           audio=media["tone"], outfile=str(tmp_path / "offline.mp4"), progress=False)

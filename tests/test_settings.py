@@ -149,3 +149,26 @@ def test_the_server_forms_take_the_same_defaults():
     uploads = Uploads(SimpleNamespace(config=ServerConfig(face_detector="lbp")))
     cfg = InferenceConfig(checkpoint_path="g.pth", audio="a.wav", face_detector="lbp")
     assert settings_from_flags(uploads.flags({})) == cfg.avatar_settings()
+
+
+def test_the_server_takes_the_shared_flags_from_the_inference_settings():
+    """serve.py's generator and detector flags, the server's config and the stream options use the
+    inference defaults and choices (one declaration)."""
+    import serve
+    from lipsync.serve.state import ServerConfig
+    from lipsync.serve.stream_output import StreamOptions
+
+    served = serve.build_parser().parse_args(["--checkpoint_path", "g.pth"])
+    inferred = parse()
+    for name in serve.SHARED_FLAGS + ("checkpoint_path",):
+        assert getattr(served, name) == getattr(inferred, name), name
+    actions = {a.dest: a for a in serve.build_parser()._actions}
+    assert actions["face_detector"].choices == SETTINGS["face_detector"].choices
+    assert ServerConfig().face_detector == DEFAULTS["face_detector"]
+    assert (StreamOptions().blend, StreamOptions().loop) == (DEFAULTS["blend"], DEFAULTS["loop"])
+
+
+def test_det_scale_zero_means_auto_as_its_help_says():
+    assert parse("--det_scale", "0").det_scale == parse("--det_scale", "auto").det_scale == 0.0
+    with pytest.raises(SystemExit):
+        parse("--det_scale", "1.5")

@@ -74,7 +74,7 @@ def add_ffmpeg_arg(parser) -> None:
     """The ``--ffmpeg PATH`` flag every script that runs ffmpeg takes; pass its value to
     :func:`use_ffmpeg`."""
     parser.add_argument("--ffmpeg", default=None, metavar="PATH",
-                        help=f"the ffmpeg binary to use (default: ${ENV_FFMPEG}, else ffmpeg on the PATH, "
+                        help=f"the ffmpeg binary to use (None: ${ENV_FFMPEG}, else ffmpeg on the PATH, "
                              "else the one imageio-ffmpeg installs)")
 
 

@@ -335,8 +335,10 @@ def check_avatar_settings(meta: dict, folder: str, img_size: int, wanted: Option
     recorded = meta["settings"]
     for name, value in (wanted or {}).items():
         if name in recorded and _norm(recorded[name]) != _norm(value):
-            raise AvatarError(f"avatar {folder!r} was prepared with --{name} {recorded[name]!r}, "
-                              f"not {value!r}; use its settings (leave the flag out) or " + _remake_hint(folder, meta))
+            why = (" (--preset published needs boxes found on every frame, at full size)"
+                   if name in ("det_every", "det_scale") else "")
+            raise AvatarError(f"avatar {folder!r} was prepared with --{name} {recorded[name]!r}, not {value!r}{why}; "
+                              f"use its settings (leave the flag out) or " + _remake_hint(folder, meta))
 
 
 def _norm(v):

@@ -33,11 +33,9 @@ class DetectionSettings:
     """How faces are found. ``scale``: detect on frames resized by this factor (0 = auto: shorter
     side at most 480 px); ``every``: detect on every k-th frame (and the last), interpolate between,
     and detect every frame of a gap whose end boxes overlap less than ``jump_iou`` (a cut, a fast
-    move, or a keyframe where a jittery detector is off) or where a face appears or vanishes. On
-    the demo's clips with lbp (box centres against the known boxes): every frame 3.7 px mean / 13.4
-    px worst; every 5th with ``--det_jump_iou``'s default 3.7 / 11.4 px at 0.27 detections per frame;
-    with 0.5 4.0 / 20.6 px. ``every=1, scale=1`` (the defaults here) is the published detection; the
-    other defaults are the flags' (:mod:`lipsync.render.settings`)."""
+    move, or a keyframe where a jittery detector is off) or where a face appears or vanishes (how
+    close sparse boxes come: docs/inference.md). ``every=1, scale=1`` (the defaults here) is the
+    published detection; the other defaults are the flags' (:mod:`lipsync.render.settings`)."""
 
     detector: str = DEFAULTS["face_detector"]
     s3fd_path: Optional[str] = DEFAULTS["s3fd_path"]

@@ -19,6 +19,7 @@ from lipsync.render.avatar import Avatar
 from lipsync.render.blending import CpuComposer
 from lipsync.core.errors import Wav2LipError
 from lipsync.render.generator import Generator
+from lipsync.render.settings import DEFAULTS
 from lipsync.render.streaming import FrameWindows
 from lipsync.core.pipeline import Timings, prefetch
 
@@ -36,8 +37,8 @@ def frame_count(wav: np.ndarray, fps: float) -> int:
 
 
 def generate_with(generator: Generator, as_tensor: bool = False) -> GenerateFn:
-    """The plain ``generate`` function: one forward pass per call, in this thread (faces stay on the
-    device as a tensor with ``as_tensor``)."""
+    """The plain ``generate`` function: each call goes to the generator's forward queue (faces stay on
+    the device as a tensor with ``as_tensor``)."""
     return lambda mels, faces, keys: generator.generate(mels, faces, keys, as_tensor=as_tensor)
 
 
@@ -74,8 +75,8 @@ def window_groups(wav: np.ndarray, fps: float, size: int, chunk_seconds: float =
     yield from cut(final=True)
 
 
-def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "repeat", blend: str = "feather",
-           batch_size: int = 128, timings: Optional[Timings] = None, cache_faces: Optional[bool] = None,
+def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DEFAULTS["loop"],
+           blend: str = DEFAULTS["blend"], batch_size: int = DEFAULTS["wav2lip_batch_size"], timings: Optional[Timings] = None, cache_faces: Optional[bool] = None,
            on_device: Optional[bool] = None) -> Iterator[np.ndarray]:
     """Lip-sync ``avatar`` to ``wav`` (16 kHz mono float32): (H, W, 3) uint8 BGR frames in order,
     ``frame_count(wav, avatar.fps)`` of them.
@@ -105,7 +106,7 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = "r
 
 
 def render_windows(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.ndarray], n_out: Optional[int] = None,
-                   loop: str = "repeat", blend: str = "feather", timings: Optional[Timings] = None,
+                   loop: str = DEFAULTS["loop"], blend: str = DEFAULTS["blend"], timings: Optional[Timings] = None,
                    cache_faces: bool = False, ahead: int = 1, composer=None) -> Iterator[np.ndarray]:
     """Frames for mel windows arriving in groups ((G, 80, 16) arrays; one output frame per window).
 

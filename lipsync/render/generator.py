@@ -23,6 +23,7 @@ import torch
 from lipsync.core.device import resolve_device
 from lipsync.render.cpu import CPU_MICRO_BATCHES, REPRODUCIBLE_PLAN, CpuTuner, PrecisionError, resolve_precision
 from lipsync.render.forward import ForwardQueue
+from lipsync.render.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Generator:
     """
 
     def __init__(self, checkpoint_path: str, device="auto", precision: str = "auto",
-                 threads: Optional[int] = None, micro_batch: Optional[int] = None, face_cache_mb: float = 512,
+                 threads: Optional[int] = None, micro_batch: Optional[int] = None, face_cache_mb: float = DEFAULTS["face_cache_mb"],
                  reproducible: bool = False):
         from models import load_model
         from models.fuse import fold_batchnorm

@@ -183,7 +183,11 @@ def get_avatar(cfg: InferenceConfig, generator: Generator, timings: Timings) -> 
     """The face: a saved avatar (``cfg.avatar``), or ``cfg.face`` prepared now (and saved with
     ``cfg.save_avatar``). Applies ``on_missing_face``."""
     if cfg.avatar is not None:
-        avatar = load_avatar(cfg.avatar, generator.img_size, wanted=cfg.avatar_settings_given)
+        wanted = dict(cfg.avatar_settings_given or {})
+        if cfg.parity:  # the published frames need boxes found as published: every frame, full size
+            implied = cfg.avatar_settings().record()
+            wanted.update({k: implied[k] for k in ("det_every", "det_scale") if k in implied})
+        avatar = load_avatar(cfg.avatar, generator.img_size, wanted=wanted)
     else:
         cache = DetectionCache(cfg.det_cache_dir)
         avatar = prepare_avatar(cfg.face, cfg.avatar_settings(), generator.img_size, device=generator.device,

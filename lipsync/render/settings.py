@@ -27,15 +27,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {"published": {"blend": "none", "loop": "re
 
 
 def parse_det_scale(text: str) -> float:
-    """``--det_scale``'s text: ``auto`` (0.0) or a factor in (0, 1]."""
+    """``--det_scale``'s text: ``auto`` or 0 (both 0.0, chosen while running) or a factor in (0, 1]."""
     if text == "auto":
         return 0.0
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected auto or a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be auto (or 0) or in (0, 1], got {value}")
     return value
 
 

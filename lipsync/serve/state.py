@@ -18,6 +18,7 @@ from starlette.requests import HTTPConnection
 
 from lipsync.render.avatar import Avatar
 from lipsync.render.generator import Generator
+from lipsync.render.settings import DEFAULTS
 from lipsync.serve.avatar_store import AvatarStore
 from lipsync.serve.sessions import CLOSE_GOING_AWAY, StreamSession
 from lipsync.serve.stream_output import FrameSink, IdleFrames, StreamOptions
@@ -33,7 +34,7 @@ class ServerConfig:
     token: Optional[str] = None
     max_sessions: int = 8
     max_upload_mb: float = 200.0
-    face_detector: str = "sfd"
+    face_detector: str = DEFAULTS["face_detector"]
     s3fd_path: Optional[str] = None
     max_batch: int = 64
     batch_wait_ms: float = 10.0

@@ -18,6 +18,7 @@ import audio
 from lipsync.core.errors import Wav2LipError
 from lipsync.media.frames import source_index
 from lipsync.render.avatar import Avatar
+from lipsync.render.settings import DEFAULTS
 
 SAMPLE_BYTES = 2                 # signed 16-bit PCM
 IDLE_SWING_S = 1.0               # idle frames wander at most this far (seconds of video) from the next talk frame
@@ -39,8 +40,8 @@ class StreamOptions:
     as :func:`lipsync.render.engine.render` does.
     """
 
-    blend: str = "feather"
-    loop: str = "repeat"
+    blend: str = DEFAULTS["blend"]
+    loop: str = DEFAULTS["loop"]
     on_device: Optional[bool] = None
     jpeg_quality: int = 80
     idle_grace: float = 0.25

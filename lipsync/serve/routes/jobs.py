@@ -33,6 +33,9 @@ async def lipsync(request: Request, state: ServerState = Depends(get_state), upl
             has_face = "face" in form or "file" in form
             if (avatar_id is None) == (not has_face):
                 raise ApiError(422, "give the face as 'avatar_id' (a prepared avatar) or a 'face' file, one of them")
+            if avatar_id is not None and ("box" in form or "fps" in form):  # an avatar has its own
+                raise ApiError(422, "'box' and 'fps' describe a face file; a prepared avatar keeps the ones it was "
+                                    "made with (leave them out, or prepare another avatar)")
             face = None if avatar_id is not None else (await uploads.staged_face(form, staging))[0]
             flags = uploads.flags(form)
             audio_path = await uploads.staged_audio(form, staging)
