@@ -75,6 +75,19 @@ def window_groups(wav: np.ndarray, fps: float, size: int, chunk_seconds: float =
     yield from cut(final=True)
 
 
+def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = None):
+    """The compositor of a render: :class:`lipsync.render.gpu.TorchComposer` on ``device`` when
+    ``on_device`` (None: when ``device`` is CUDA), else :class:`CpuComposer` (OpenCV)."""
+    import torch
+
+    device = torch.device(device)
+    if on_device if on_device is not None else device.type == "cuda":
+        from lipsync.render.gpu import TorchComposer
+
+        return TorchComposer(img_size, blend, device)
+    return CpuComposer(img_size, blend)
+
+
 def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DEFAULTS["loop"],
            blend: str = DEFAULTS["blend"], batch_size: int = DEFAULTS["wav2lip_batch_size"], timings: Optional[Timings] = None, cache_faces: Optional[bool] = None,
            on_device: Optional[bool] = None) -> Iterator[np.ndarray]:
@@ -95,11 +108,7 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DE
     groups = window_groups(wav, avatar.fps, batch_size)
     first = next(groups)  # audio too short for one window fails here, before any frame is made
     groups = itertools.chain([first], groups)
-    composer = CpuComposer(avatar.img_size, blend)
-    if on_device if on_device is not None else generator.device.type == "cuda":
-        from lipsync.render.gpu import TorchComposer
-
-        composer = TorchComposer(avatar.img_size, blend, generator.device)
+    composer = composer_for(avatar.img_size, blend, generator.device, on_device)
     return render_windows(generate_with(generator, as_tensor=composer.on_device), avatar,
                           groups, n_out=n_out, loop=loop, blend=blend, timings=timings,
                           cache_faces=cache_faces, composer=composer)
@@ -173,5 +182,5 @@ def windows_of(wav: np.ndarray, fps: float) -> Tuple[int, np.ndarray]:
     return frame_count(wav, fps), np.concatenate(list(window_groups(wav, fps, 1 << 30)))
 
 
-__all__ = ["GenerateFn", "RenderError", "count_missing", "frame_count", "generate_with", "render", "render_windows",
+__all__ = ["GenerateFn", "RenderError", "composer_for", "count_missing", "frame_count", "generate_with", "render", "render_windows",
            "window_groups", "windows_of"]

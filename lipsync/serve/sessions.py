@@ -40,7 +40,7 @@ import torch
 
 import audio
 from lipsync.render.avatar import Avatar
-from lipsync.render.engine import GenerateFn, render_windows
+from lipsync.render.engine import GenerateFn, composer_for, render_windows
 from lipsync.core.errors import Wav2LipError
 from lipsync.core.pipeline import END, StageStopped
 from lipsync.render.streaming import FrameWindows, StreamError, pcm16_to_float
@@ -146,11 +146,7 @@ class StreamSession:
     def _render(self) -> None:
         opts = self.options
         try:
-            composer = None
-            if opts.on_device if opts.on_device is not None else self.device.type == "cuda":
-                from lipsync.render.gpu import TorchComposer
-
-                composer = TorchComposer(self.avatar.img_size, opts.blend, self.device)
+            composer = composer_for(self.avatar.img_size, opts.blend, self.device, opts.on_device)
             frames = render_windows(self.generate, self.avatar, self._window_groups(), n_out=None, loop=opts.loop,
                                     blend=opts.blend, cache_faces=True, composer=composer)
             try:
