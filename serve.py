@@ -24,7 +24,8 @@ from lipsync.render.settings import SETTINGS
 from lipsync.serve.sessions import MAX_GROUP
 
 TOKEN_ENV = "WAV2LIP_TOKEN"
-SHARED_FLAGS = ("device", "precision", "threads", "face_detector", "s3fd_path")  # declared in lipsync.render.settings
+# declared in lipsync.render.settings
+SHARED_FLAGS = ("device", "precision", "threads", "int8_cache_dir", "face_detector", "s3fd_path")
 
 
 class ServeError(Wav2LipError, ValueError):
@@ -138,8 +139,19 @@ def _serve(args) -> int:
     from lipsync.serve.state import ServerConfig, ServerState
     from lipsync.serve.stream_output import StreamOptions
 
-    generator = open_generator(args.checkpoint_path, device=args.device, precision=args.precision,
-                               threads=args.threads)
+    generator = open_generator(args.checkpoint_path, device="cpu" if args.precision == "int8" and args.device == "auto"
+                               else args.device, precision=args.precision, threads=args.threads,
+                               int8_cache_dir=args.int8_cache_dir)
+    if getattr(generator, "awaiting_calibration", False):
+        # sessions arrive with faces not known yet: calibrate on the synthetic clip (export_onnx.py --int8
+        # with an avatar of the server's own calibrates on real faces)
+        from lipsync.render.quantize import quality_line
+        from lipsync.train.synthetic import synthetic_calibration
+
+        generator.calibrate(synthetic_calibration(generator.img_size))
+        logging.warning("int8 generator calibrated on a synthetic clip (%s); for faces closer to fp32's, serve an "
+                        "int8 file: export_onnx.py --int8 --calibration_face AVATAR --calibration_audio SPEECH",
+                        quality_line(generator.int8["quality"]).replace("this job", "the clip"))
     options = StreamOptions(jpeg_quality=args.jpeg_quality, idle_grace=args.idle_grace,
                             idle_timeout=args.idle_timeout, send_buffer=args.send_buffer)
     config = ServerConfig(avatars_dir=args.avatars_dir, token=args.token, max_sessions=args.max_sessions,

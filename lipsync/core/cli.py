@@ -6,9 +6,10 @@ import argparse
 
 DEVICE_HELP = "where to run: auto picks cuda, then mps, then cpu"
 QUIET_HELP = "no progress bars"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_HELP = ("generator precision: auto = bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp16 on "
-                  "CUDA, else fp32")
+                  "CUDA, else fp32; int8 = ONNX Runtime on the CPU, quantized and calibrated on this job's face and "
+                  "audio (docs/onnx.md)")
 THREADS_HELP = "CPU threads for the generator (None: chosen while running from measured speed)"
 
 

@@ -2,8 +2,10 @@
 chosen from measured speed.
 
 Precision names: ``fp32``; ``bf16`` (weights and activations in bfloat16; fast on CPUs with bf16
-matrix units: Intel AMX or AVX512-BF16); ``fp16`` (CUDA); ``auto`` picks bf16 on a CPU whose torch
-reports bf16 matrix support, fp16 on CUDA, fp32 elsewhere.
+matrix units: Intel AMX or AVX512-BF16); ``fp16`` (CUDA); ``int8`` (ONNX Runtime on the CPU, weights
+and activations quantized to 8 bits, :mod:`lipsync.render.quantize`; fast on CPUs with VNNI);
+``auto`` picks bf16 on a CPU whose torch reports bf16 matrix support, fp16 on CUDA, fp32 elsewhere
+(never int8: its speed-up is not measured on a VNNI CPU yet, docs/onnx.md).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def _torch_cpu_flag(name: str) -> bool:
 
 @dataclass(frozen=True)
 class CpuCapabilities:
-    """What torch reports about this CPU at run time."""
+    """What torch (and, for VNNI, /proc/cpuinfo) reports about this CPU at run time."""
 
     name: str             # model name from /proc/cpuinfo ("unknown" elsewhere)
     cores: int            # logical CPUs this process may use
@@ -55,6 +57,7 @@ class CpuCapabilities:
     amx: bool             # Intel AMX tiles (bf16 matrix multiply)
     avx512_bf16: bool
     mkldnn_bf16: bool     # oneDNN runs bf16 convolutions natively
+    vnni: bool = False    # AVX512-VNNI or AVX-VNNI: int8 dot products accumulated in int32 (no 16-bit saturation)
 
     @property
     def bf16_matrix(self) -> bool:
@@ -64,19 +67,25 @@ class CpuCapabilities:
     def line(self) -> str:
         feats = [f for f, on in (("AMX", self.amx), ("AVX512-BF16", self.avx512_bf16)) if on]
         return (f"{self.name}, {self.cores} cores, torch ISA {self.isa}, bf16 matrix support: "
-                f"{'yes (' + ', '.join(feats) + ')' if self.bf16_matrix else 'no'}")
+                f"{'yes (' + ', '.join(feats) + ')' if self.bf16_matrix else 'no'}, int8 VNNI: "
+                f"{'yes' if self.vnni else 'no'}")
 
 
 def cpu_capabilities() -> CpuCapabilities:
-    name = "unknown"
+    name, flags = "unknown", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith("model name") and name == "unknown":
                     name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                if name != "unknown" and flags:
                     break
     except OSError:
         pass
+    # torch's own check sees avx512_vnni only; the kernels of ONNX Runtime use AVX-VNNI too
+    vnni = _torch_cpu_flag("_is_vnni_supported") or bool(flags & {"avx512_vnni", "avx_vnni"})
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -90,13 +99,14 @@ def cpu_capabilities() -> CpuCapabilities:
     except (AttributeError, RuntimeError):
         mkldnn_bf16 = False
     return CpuCapabilities(name, cores, isa, _torch_cpu_flag("_is_amx_tile_supported"),
-                           _torch_cpu_flag("_is_avx512_bf16_supported"), mkldnn_bf16)
+                           _torch_cpu_flag("_is_avx512_bf16_supported"), mkldnn_bf16, vnni)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> bf16 on a CPU with bf16 matrix support, fp16 on CUDA, fp32 elsewhere.
 
-    Raises PrecisionError for fp16 on a CPU without native fp16 convolutions, or an unknown name.
+    Raises PrecisionError for fp16 on a CPU without native fp16 convolutions, int8 on another device
+    than the CPU, or an unknown name.
     """
     if name not in PRECISIONS:
         raise PrecisionError(f"--precision must be one of {PRECISIONS}, got {name!r}")
@@ -106,6 +116,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if device.type == "cpu" and cpu_capabilities().bf16_matrix:
             return "bf16"
         return "fp32"
+    if name == "int8" and device.type != "cpu":
+        raise PrecisionError(f"--precision int8 runs on the CPU (ONNX Runtime), not on {device.type}: use "
+                             "--device cpu, or fp16 on a GPU")
     if name == "fp16" and device.type == "cpu":
         fp16 = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
         if fp16 is None or not fp16():

@@ -98,9 +98,14 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DE
     micro-batches; frames in flight are bounded by about twice this). ``cache_faces``: keep the
     face features of source frames for reuse (default: when the audio outlasts the avatar's video,
     so frames repeat). ``on_device``: crop, resize and paste on the generator's device
-    (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA).
+    (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA). An int8 generator that waits for
+    calibration (``--precision int8``) is calibrated on ``avatar`` and ``wav`` first.
     """
     n_out = frame_count(wav, avatar.fps)
+    if getattr(generator, "awaiting_calibration", False):  # an int8 generator: calibrated on this face and audio
+        from lipsync.render.quantize import calibration_from_avatar
+
+        generator.calibrate(calibration_from_avatar(avatar, wav))
     if cache_faces is None:
         cache_faces = avatar.n_frames is not None and avatar.n_frames < n_out
     if generator.device.type == "cpu":

@@ -7,7 +7,8 @@ avatar frame) and :meth:`Generator.decode` (speech + face features -> face).
 
 Precision: ``fp32``; ``bf16`` (weights and activations in bfloat16; fast on CPUs with bf16 matrix
 units: Intel AMX or AVX512-BF16); ``fp16`` (CUDA); ``auto`` picks bf16 on a CPU whose torch reports
-bf16 matrix support, fp16 on CUDA, fp32 elsewhere.
+bf16 matrix support, fp16 on CUDA, fp32 elsewhere. ``int8`` is ONNX Runtime's
+(:class:`lipsync.render.onnx_model.OnnxGenerator`, :mod:`lipsync.render.quantize`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ from lipsync.render.settings import DEFAULTS
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def face_input(faces, img_size: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """(B, S, S, 3) uint8 BGR crops (numpy, or a tensor on any device) -> (B, 6, S, S) model input in
+    [0, 1] on ``device``: the face with its lower half zeroed on channels 0-2, the face itself (the
+    reference) on channels 3-5 (published). Raises ValueError for crops of another shape."""
+    if faces.ndim != 4 or tuple(faces.shape[1:]) != (img_size, img_size, 3):
+        raise ValueError(f"faces must be (B, {img_size}, {img_size}, 3), got {tuple(faces.shape)}")
+    x = faces if isinstance(faces, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(faces))
+    x = x.to(device).permute(0, 3, 1, 2).to(dtype) / 255.0  # (B, 3, S, S)
+    masked = x.clone()
+    masked[:, :, img_size // 2:] = 0
+    return torch.cat((masked, x), dim=1)  # (B, 6, S, S)
+
 
 # ------------------------------------------------------------------------------------------------
 # The generator
@@ -106,6 +120,9 @@ class Generator:
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if self.precision == "int8":
+            raise PrecisionError("int8 runs through ONNX Runtime: open the generator with "
+                                 "lipsync.render.onnx_model.open_generator (as inference.py and serve.py do)")
         self.dtype = _DTYPES[self.precision]
         if threads is not None and threads < 1:
             raise PrecisionError("--threads must be >= 1")
@@ -140,13 +157,7 @@ class Generator:
         """(B, S, S, 3) uint8 BGR crops (numpy, or a tensor on any device) -> (B, 6, S, S) model input
         in [0, 1]: the face with its lower half zeroed on channels 0-2, the face itself (the
         reference) on channels 3-5 (published)."""
-        if faces.ndim != 4 or tuple(faces.shape[1:]) != (self.img_size, self.img_size, 3):
-            raise ValueError(f"faces must be (B, {self.img_size}, {self.img_size}, 3), got {tuple(faces.shape)}")
-        x = faces if isinstance(faces, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(faces))
-        x = x.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0  # (B, 3, S, S)
-        masked = x.clone()
-        masked[:, :, self.img_size // 2:] = 0
-        img = torch.cat((masked, x), dim=1)  # (B, 6, S, S)
+        img = face_input(faces, self.img_size, self.device, self.dtype)
         if self.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
         return img

@@ -175,8 +175,11 @@ def load_generator(cfg: InferenceConfig) -> Generator:
     """The generator of ``cfg`` (fp32 in parity mode unless a precision is asked for)."""
     from lipsync.render.onnx_model import open_generator
 
-    return open_generator(cfg.checkpoint_path, device=resolve_device(cfg.device), precision=cfg.generator_precision,
-                          threads=cfg.threads, face_cache_mb=cfg.face_cache_mb)
+    precision = cfg.generator_precision
+    # int8 runs in ONNX Runtime on the CPU: --device auto means the CPU there, even beside a GPU
+    device = cfg.device if precision == "int8" else resolve_device(cfg.device)
+    return open_generator(cfg.checkpoint_path, device=device, precision=precision, threads=cfg.threads,
+                          face_cache_mb=cfg.face_cache_mb, int8_cache_dir=cfg.int8_cache_dir)
 
 
 def get_avatar(cfg: InferenceConfig, generator: Generator, timings: Timings) -> Avatar:
@@ -211,6 +214,10 @@ def write_video(generator: Generator, avatar: Avatar, audio_path: str, outfile: 
     wav = audio.load_wav(audio_path, audio.SAMPLE_RATE)
     timings.add("decode", time.perf_counter() - t0)
     n_out = frame_count(wav, avatar.fps)
+    if getattr(generator, "awaiting_calibration", False):  # --precision int8: calibrated on this job
+        from lipsync.render.quantize import calibration_from_avatar
+
+        generator.calibrate(calibration_from_avatar(avatar, wav, audio_name=os.path.basename(audio_path)))
     frames = render(generator, avatar, wav, loop=cfg.loop, blend=cfg.blend, batch_size=cfg.wav2lip_batch_size,
                     timings=timings)
     w, h = avatar.size

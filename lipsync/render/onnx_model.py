@@ -19,6 +19,7 @@ onnxruntime are optional (``requirements-onnx.txt``) and imported only when used
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Optional, Sequence
@@ -28,9 +29,11 @@ import torch
 
 from lipsync.core.errors import Wav2LipError
 from lipsync.core.fileio import atomic_write
-from lipsync.render.cpu import CPU_MICRO_BATCHES, CpuTuner, PrecisionError
+from lipsync.render.cpu import CPU_MICRO_BATCHES, CpuTuner, PrecisionError, resolve_precision
 from lipsync.render.forward import ForwardQueue
 from lipsync.render.generator import FaceFeatures, Generator
+
+log = logging.getLogger(__name__)
 
 OPSET = 17  # ONNX Runtime >= 1.14, TensorRT >= 8.6 and OpenVINO >= 2023.0 run it
 # onnx Runtime and torch agree to about 1e-6 on these models in fp32; 1e-4 leaves room for the
@@ -132,29 +135,47 @@ class OnnxGenerator(Generator):
 
     The whole network is one ONNX graph, so :meth:`encode_faces` only prepares the (B, 6, S, S)
     input and :meth:`decode` runs the graph: there is no face-feature cache (``bank`` is None).
-    ``precision``: ``fp32`` (or ``auto``: fp32); another precision is a PrecisionError.
+    ``precision``: ``auto`` (what the file holds: fp32, or int8 for a file from
+    :mod:`lipsync.render.quantize`), that precision, or ``int8`` for an fp32 file: the generator then
+    waits for :meth:`calibrate` (which :func:`lipsync.render.engine.render` calls with its face and
+    audio) and runs the int8 graph calibrated on them. Another precision is a PrecisionError.
+    ``model``: the file the user gave (a checkpoint exported to ``onnx_path``), for the int8 cache;
+    ``int8_files``: a :class:`lipsync.render.quantize.Int8Files` (None: the default cache).
     """
 
     def __init__(self, onnx_path: str, device="auto", precision: str = "auto", threads: Optional[int] = None,
-                 micro_batch: Optional[int] = None, face_cache_mb: float = 0):
+                 micro_batch: Optional[int] = None, face_cache_mb: float = 0, model: Optional[str] = None,
+                 int8_files=None):
         if isinstance(device, torch.device):
             device = device.type
         if device not in ("auto", "cpu"):
             raise PrecisionError(f"an ONNX generator runs on the CPU (ONNX Runtime); got --device {device}")
-        if precision not in ("auto", "fp32"):
-            raise PrecisionError(f"an ONNX generator runs in fp32; got --precision {precision}")
         if threads is not None and threads < 1:
             raise PrecisionError("--threads must be >= 1")
         self.sess = session(onnx_path, threads)
         meta = metadata(self.sess)
         if meta.get("kind", "generator") != "generator":
             raise OnnxError(f"{onnx_path!r} holds a {meta.get('kind')}, not a generator")
+        stored = meta.get("precision", "fp32")
+        if precision not in ("auto", stored) and (precision, stored) != ("int8", "fp32"):
+            raise PrecisionError(f"{onnx_path!r} holds an {stored} generator (ONNX Runtime); got --precision "
+                                 f"{precision}: use auto or {stored}" + (", or export the checkpoint again"
+                                                                          if stored == "int8" else ""))
         face = self.sess.get_inputs()[1].shape  # ['batch', 6, S, S]
         if len(face) != 4 or not isinstance(face[2], int):
             raise OnnxError(f"{onnx_path!r} is not a generator exported by export_onnx.py (face input {face})")
         self.checkpoint_path = os.path.abspath(onnx_path)
+        self.model = model or onnx_path
         self.device = torch.device("cpu")
-        self.precision = "fp32"
+        self.precision = stored if precision == "auto" else precision
+        self.awaiting_calibration = stored == "fp32" and self.precision == "int8"
+        self.int8 = None  # the int8 file's metadata (quantizer, calibration, quality against fp32)
+        self.int8_files = int8_files
+        if stored == "int8":
+            from lipsync.render.quantize import int8_info, warn_about
+
+            self.int8 = int8_info(meta)
+            warn_about(self.int8, onnx_path)
         self.dtype = torch.float32
         self.img_size = int(face[2])
         self.width = float(meta.get("width", "nan"))
@@ -168,19 +189,58 @@ class OnnxGenerator(Generator):
 
     def describe(self) -> str:
         return (f"{self.img_size}x{self.img_size} generator (width {self.width:g}) on the CPU, ONNX Runtime "
-                f"{self.precision}")
+                f"{self.precision}" + (" (calibrated on the first job)" if self.awaiting_calibration else ""))
+
+    def tuning(self) -> str:
+        if self.int8 is None:
+            return super().tuning()
+        from lipsync.render.quantize import quality_line
+
+        return f"{super().tuning()} | {quality_line(self.int8['quality'])}"
+
+    def calibrate(self, calibration) -> None:
+        """Quantize this fp32 graph to int8 calibrated on ``calibration`` (a
+        :class:`lipsync.render.quantize.Calibration`), or find that int8 file in the cache, and run it
+        from now on. Logs a warning where the check against fp32 is outside the threshold."""
+        from lipsync.render.quantize import Int8Files, warn_about
+
+        if not self.awaiting_calibration:
+            raise PrecisionError(f"this generator is {'already calibrated' if self.int8 else 'not int8'}")
+        self.int8_files = self.int8_files or Int8Files()
+        path, self.int8, cached = self.int8_files.int8(self.model, self.checkpoint_path, calibration)
+        self.sess = session(path, self.threads)
+        self.checkpoint_path = os.path.abspath(path)
+        self.awaiting_calibration = False
+        log.info("int8 generator %s (%s): %s", path, "from the cache" if cached else "quantized now",
+                 self.int8["calibration"])
+        warn_about(self.int8, path)
 
     def encode_faces(self, faces) -> FaceFeatures:
         with torch.inference_mode():
             return [self.face_tensor(faces)]
 
     def decoder_output(self, mels: np.ndarray, feats: FaceFeatures) -> torch.Tensor:
+        if self.awaiting_calibration:
+            raise PrecisionError("an int8 generator is calibrated on its first job before it runs: call calibrate() "
+                                 "(lipsync.render.engine.render does), or export one with export_onnx.py --int8")
         mel = np.ascontiguousarray(mels, dtype=np.float32)[:, None]  # (B, 1, 80, 16)
         out, = self.sess.run(None, {"mel": mel, "face": feats[0].numpy()})
         return torch.from_numpy(out)  # (B, 3, S, S) in [0, 1]
 
 
-def open_generator(path: str, **kwargs) -> Generator:
-    """:class:`OnnxGenerator` for a ``.onnx`` file, the torch :class:`Generator` for a checkpoint."""
-    cls = OnnxGenerator if os.fspath(path).lower().endswith(".onnx") else Generator
-    return cls(path, **kwargs)
+def open_generator(path: str, int8_cache_dir: Optional[str] = None, **kwargs) -> Generator:
+    """:class:`OnnxGenerator` for a ``.onnx`` file or ``precision="int8"``, the torch
+    :class:`Generator` for a checkpoint. With int8, a checkpoint is exported to ONNX first, and
+    ``int8_cache_dir`` keeps the exports and int8 files (None: ~/.cache/wav2lip/int8; '': none kept)."""
+    onnx_file = os.fspath(path).lower().endswith(".onnx")
+    if kwargs.get("precision") != "int8":
+        return OnnxGenerator(path, **kwargs) if onnx_file else Generator(path, **kwargs)
+    from lipsync.render.quantize import Int8Files
+
+    device = kwargs.get("device", "auto")
+    if torch.device(device if device != "auto" else "cpu").type != "cpu":
+        resolve_precision("int8", torch.device(device))  # the PrecisionError that says what to do
+    files = Int8Files(int8_cache_dir)
+    kwargs.pop("reproducible", None)
+    fp32 = path if onnx_file else files.fp32(path)
+    return OnnxGenerator(fp32, model=path, int8_files=files, **kwargs)

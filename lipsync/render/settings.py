@@ -80,6 +80,8 @@ INFERENCE = [
     Setting("device", DEVICE_HELP, "auto", choices=DEVICE_CHOICES),
     Setting("precision", PRECISION_HELP + "; fp32 in parity mode", "auto", choices=PRECISIONS),
     Setting("threads", THREADS_HELP, None, int),
+    Setting("int8_cache_dir", "with --precision int8: where the ONNX exports and the int8 generators calibrated on a "
+                              "job are kept, for a rerun to reuse (None: ~/.cache/wav2lip/int8; '' keeps none)"),
     Setting("half", "the same as --precision fp16", False, bool),
     Setting("encoder", "H.264 encoder: auto = h264_nvenc on CUDA when ffmpeg has it, else libx264", "auto",
             choices=ENCODERS),

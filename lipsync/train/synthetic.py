@@ -254,3 +254,28 @@ def write_preprocessed(root: str, groups: int = 4, seconds: float = 1.2, seed: i
                           os.path.join(d, DONE), indent=None)
         clips.append(f"g{g}/00001")
     return clips
+
+
+def synthetic_calibration(img_size: int, samples: int = 96, seed: int = 0):
+    """Calibration data for an int8 generator when no face of the user's is at hand
+    (``export_onnx.py --int8`` without ``--calibration_face``, ``serve.py --precision int8``): the
+    built-in synthesiser's speech said by one identity per photograph in turn, each frame cropped at
+    the identity's known face box and resized to ``img_size``. Returns a
+    :class:`lipsync.render.quantize.Calibration` of ``samples`` (mel window, face crop) pairs."""
+    from lipsync.render.blending import cut_crop
+    from lipsync.render.engine import windows_of
+    from lipsync.render.quantize import Calibration
+
+    rng = np.random.default_rng(seed)
+    wav = synth_speech(rng, samples / FPS + 0.5)
+    n, windows = windows_of(wav, FPS)  # (n, 80, 16), n > samples
+    opening, width = mouth_track(wav, n)
+    renderers = [Renderer(random_identity(rng, photo=p)) for p in sorted(PHOTOS)]
+    faces = []
+    for k in range(samples):
+        renderer = renderers[k % len(renderers)]
+        x1, y1, x2, y2 = renderer.face_box(k)
+        faces.append(cut_crop(renderer.render(k, opening[k], width[k]), (y1, y2, x1, x2), img_size))
+    names = " and ".join(sorted(PHOTOS))
+    return Calibration(windows[:samples], np.stack(faces),
+                       f"synthetic clip ({names} identities, synthesised speech, seed {seed}; {samples} frames)")
