@@ -201,3 +201,15 @@ def test_auto_keeps_its_choice_on_a_vnni_cpu(monkeypatch):
     assert cpu.resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert cpu.resolve_precision("int8", torch.device("cpu")) == "int8"
     assert caps.line().endswith("int8 VNNI: yes")
+
+
+def test_an_onnx_file_runs_on_the_cpu_with_device_auto_beside_a_gpu(job, monkeypatch):
+    """inference.py --checkpoint_path G_int8.onnx (docs/onnx.md) on a machine with a GPU: --device auto
+    means the CPU for ONNX Runtime, not a refusal of a device the user did not ask for."""
+    import lipsync.render.inference as li
+
+    monkeypatch.setattr(li, "resolve_device", lambda name="auto": torch.device("cuda" if name == "auto" else name))
+    for precision in ("auto", "fp32"):
+        g = li.load_generator(InferenceConfig(checkpoint_path=job["fp32"], face=job["video"], audio=job["wav"],
+                                              device="auto", precision=precision))
+        assert isinstance(g, OnnxGenerator) and g.device.type == "cpu"
