@@ -19,7 +19,7 @@ from lipsync.render.avatar_settings import AvatarSettings  # noqa: E402
 from lipsync.render.cpu import PrecisionError, cpu_capabilities  # noqa: E402
 from lipsync.render.generator import Generator  # noqa: E402
 from lipsync.render.inference import InferenceConfig, run_inference  # noqa: E402
-from lipsync.render.onnx_model import OnnxGenerator, export, metadata, open_generator, session  # noqa: E402
+from lipsync.render.onnx_model import OnnxError, OnnxGenerator, export, metadata, open_generator, session  # noqa: E402
 from lipsync.render.quantize import (INT8_THRESHOLD, Calibration, Int8Files, calibration_from_avatar,  # noqa: E402
                                      compare_faces, quantize_generator, run_faces, unfused_session)
 from media import make_face_video  # noqa: E402
@@ -213,3 +213,20 @@ def test_an_onnx_file_runs_on_the_cpu_with_device_auto_beside_a_gpu(job, monkeyp
         g = li.load_generator(InferenceConfig(checkpoint_path=job["fp32"], face=job["video"], audio=job["wav"],
                                               device="auto", precision=precision))
         assert isinstance(g, OnnxGenerator) and g.device.type == "cpu"
+
+
+def test_int8_file_names_follow_the_export_they_come_from(job, tmp_path, monkeypatch):
+    """The int8 file of a checkpoint is quantized from its fp32 export, which another torch (or opset)
+    writes anew: the int8 file must not be reused across that change."""
+    files = Int8Files(str(tmp_path))
+    before = files.int8_path(TRAINED, job["calibration"])
+    assert files.int8_path(TRAINED, job["calibration"]) == before
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert files.int8_path(TRAINED, job["calibration"]) != before
+
+
+def test_an_unusable_cache_dir_says_which_flag(tmp_path, job, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(OnnxError, match="--int8_cache_dir .* cannot be used"):
+        Int8Files(str(blocked / "int8")).fp32(TRAINED)

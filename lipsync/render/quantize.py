@@ -329,24 +329,40 @@ class Int8Files:
     def _path(self, model: str, parts: list, suffix: str) -> str:
         key = hashlib.sha256(json.dumps([_file_sha256(model)] + parts).encode()).hexdigest()[:16]
         stem = os.path.splitext(os.path.basename(model))[0]
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise OnnxError(f"--int8_cache_dir {self.directory!r} cannot be used ({exc.strerror}): give a folder "
+                            "that can be written, or '' to keep no files") from None
         return os.path.join(self.directory, f"{stem}-{key}-{suffix}.onnx")
+
+    @staticmethod
+    def _export_parts() -> list:
+        """What an fp32 export of a checkpoint depends on besides the checkpoint: the opset and torch."""
+        import torch
+
+        return [OPSET, torch.__version__]
 
     def fp32(self, checkpoint_path: str) -> str:
         """The fp32 ONNX export of a generator checkpoint (exported once)."""
-        import torch
-
-        path = self._path(checkpoint_path, ["fp32", OPSET, torch.__version__], "fp32")
+        path = self._path(checkpoint_path, ["fp32"] + self._export_parts(), "fp32")
         if not os.path.isfile(path):
             export(checkpoint_path, path, kind="generator")
         return path
 
+    def int8_path(self, model: str, calibration: Calibration) -> str:
+        """Where the int8 generator of ``model`` calibrated on ``calibration`` is kept: named by the
+        model file, the fp32 export it is quantized from (opset, torch), the calibration's digest,
+        the quantizer's settings and ONNX Runtime's version."""
+        ort = _require("onnxruntime")
+        return self._path(model, ["int8", calibration.digest(), quantizer_settings(), ort.__version__]
+                          + self._export_parts(), "int8")
+
     def int8(self, model: str, fp32_path: str, calibration: Calibration) -> Tuple[str, dict, bool]:
         """(path, metadata, found in the cache) of the int8 generator of ``model`` (a checkpoint or an
         fp32 .onnx; ``fp32_path`` its fp32 export) calibrated on ``calibration``."""
-        ort = _require("onnxruntime")
         settings = quantizer_settings()
-        path = self._path(model, ["int8", calibration.digest(), settings, ort.__version__], "int8")
+        path = self.int8_path(model, calibration)
         if os.path.isfile(path):
             try:
                 return path, int8_info(metadata(session(path))), True
