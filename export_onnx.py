@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             q = quantize_generator(fp32, args.out, calib, model=args.checkpoint_path)
         reduce = "7-bit weights: this CPU has no VNNI" if q["quantizer"]["reduce_range"] else "8-bit weights: VNNI"
         print(f"wrote {args.out}: int8 ({reduce}), calibrated on {q['calibration']}; "
-              f"{quality_line(q['quality']).replace('this job', 'the calibration inputs')}")
+              f"{quality_line(q['quality'], of='the calibration inputs')}")
         return 0 if diff <= args.tolerance and INT8_THRESHOLD.met(q["quality"]) else 1
 
     return run_main(run)

@@ -230,3 +230,12 @@ def test_an_unusable_cache_dir_says_which_flag(tmp_path, job, capsys):
     blocked.write_text("")
     with pytest.raises(OnnxError, match="--int8_cache_dir .* cannot be used"):
         Int8Files(str(blocked / "int8")).fp32(TRAINED)
+
+
+def test_an_int8_file_does_not_claim_its_check_was_on_this_job(job, tmp_path):
+    """A file from export_onnx.py --int8 was checked on its calibration inputs, not on the job it runs."""
+    out = str(tmp_path / "int8.onnx")
+    c = job["calibration"]
+    quantize_generator(job["fp32"], out, Calibration(c.mels[:12], c.faces[:12], c.source))
+    line = OnnxGenerator(out, device="cpu").tuning()
+    assert "faces of the int8 file's calibration inputs" in line and "this job" not in line

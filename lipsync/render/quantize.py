@@ -83,8 +83,9 @@ def compare_faces(a: np.ndarray, b: np.ndarray) -> dict:
             "within_4": float(np.mean(diff <= 4)), "frames": int(len(a))}
 
 
-def quality_line(quality: dict, threshold: Threshold = INT8_THRESHOLD) -> str:
-    return (f"int8 vs fp32 on {quality['frames']} faces of this job: PSNR {quality['psnr_db']:.1f} dB, 99.9th "
+def quality_line(quality: dict, threshold: Threshold = INT8_THRESHOLD, of: str = "this job") -> str:
+    """One line of :func:`compare_faces`'s ``quality`` against ``threshold``; ``of``: whose faces they were."""
+    return (f"int8 vs fp32 on {quality['frames']} faces of {of}: PSNR {quality['psnr_db']:.1f} dB, 99.9th "
             f"percentile {quality['p999_abs']:g}, worst {quality['max_abs']} "
             f"({'within' if threshold.met(quality) else 'OUTSIDE'} {threshold.line()})")
 
@@ -275,12 +276,12 @@ def quantize_generator(fp32_path: str, out_path: str, calibration: Calibration,
     return info
 
 
-def warn_about(info: dict, path: str) -> None:
+def warn_about(info: dict, path: str, of: str = "this job") -> None:
     """Log a warning where the int8 file ``path`` (its metadata ``info``, see :func:`int8_info`) is
-    outside the threshold, or does not suit this CPU."""
+    outside the threshold (checked on the faces of ``of``), or does not suit this CPU."""
     quality = info.get("quality")
     if quality and not INT8_THRESHOLD.met(quality):
-        log.warning("%s: %s; fp32 keeps the frames closer to the model's", path, quality_line(quality))
+        log.warning("%s: %s; fp32 keeps the frames closer to the model's", path, quality_line(quality, of=of))
     if cpu_capabilities().vnni:
         return
     if not info.get("quantizer", {}).get("reduce_range", True):
