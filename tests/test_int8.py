@@ -239,3 +239,19 @@ def test_an_int8_file_does_not_claim_its_check_was_on_this_job(job, tmp_path):
     quantize_generator(job["fp32"], out, Calibration(c.mels[:12], c.faces[:12], c.source))
     line = OnnxGenerator(out, device="cpu").tuning()
     assert "faces of the int8 file's calibration inputs" in line and "this job" not in line
+
+
+def test_export_onnx_int8_names_a_missing_calibration_file_before_exporting(tmp_path, capsys):
+    missing_face = ["--calibration_face", str(tmp_path / "no.mp4"), "--calibration_audio", WAV]
+    missing_audio = ["--calibration_face", WAV, "--calibration_audio", str(tmp_path / "no.wav")]
+    for flags, flag in ((missing_face, "--calibration_face"), (missing_audio, "--calibration_audio")):
+        rc = export_onnx.main(["--checkpoint_path", TRAINED, "--out", str(tmp_path / "x.onnx"), "--int8", *flags])
+        out, err = capsys.readouterr()
+        assert rc == 2 and f"error: {flag} not found" in err and "exported" not in out
+    assert not os.path.exists(tmp_path / "x.onnx")
+
+
+def test_export_onnx_help_describes_the_int8_file_in_full(capsys):
+    with pytest.raises(SystemExit):
+        export_onnx.main(["--help"])
+    assert "or an int8 generator calibrated on a face and speech." in " ".join(capsys.readouterr().out.split())
