@@ -137,9 +137,9 @@ def test_inference_int8_end_to_end_is_within_the_threshold_of_fp32(job, tmp_path
     assert "int8 vs fp32 on 32 faces of this job" in summary.tuning
     files = sorted(os.listdir(cache))
     assert sorted(f.rsplit("-", 1)[1] for f in files) == ["fp32.onnx", "int8.onnx"]
-    stamps = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files}
+    stamps = {f: os.stat(os.path.join(cache, f)).st_ino for f in files}  # a rewrite (atomic rename) is a new inode
     _, again = run_frames(job, tmp_path, "int8", int8_cache_dir=cache)  # the same job: the same file, reused
-    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == stamps
+    assert {f: os.stat(os.path.join(cache, f)).st_ino for f in os.listdir(cache)} == stamps
     assert np.array_equal(again, int8)
 
 
@@ -255,3 +255,21 @@ def test_export_onnx_help_describes_the_int8_file_in_full(capsys):
     with pytest.raises(SystemExit):
         export_onnx.main(["--help"])
     assert "or an int8 generator calibrated on a face and speech." in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_int8_cache_keeps_the_most_recently_used_files(job, tmp_path, monkeypatch):
+    """One int8 file per job: without a bound, ~/.cache grows by a third of the fp32 export per job."""
+    files = Int8Files(str(tmp_path))
+    monkeypatch.setattr(files, "keep", 2)
+    full = job["calibration"]
+    cals = [Calibration(full.mels[k:k + 6], full.faces[k:k + 6], full.source) for k in (0, 6, 12)]
+    first, _, _ = files.int8(job["fp32"], job["fp32"], cals[0])
+    second, _, _ = files.int8(job["fp32"], job["fp32"], cals[1])
+    os.utime(first, (1e9, 1e9))
+    os.utime(second, (1.5e9, 1.5e9))  # newer than first, until first is reused
+    again, _, found = files.int8(job["fp32"], job["fp32"], cals[0])  # reused: now the most recent
+    assert found and again == first
+    third, _, _ = files.int8(job["fp32"], job["fp32"], cals[2])
+    left = sorted(os.listdir(tmp_path))
+    assert len(left) == 2 and os.path.basename(second) not in left
+    assert {os.path.basename(first), os.path.basename(third)} == set(left)

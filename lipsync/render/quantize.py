@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_SAMPLES = 96  # face crops and mel windows taken from a job: 64 calibrate, 32 check
 QUANTIZER_VERSION = 1     # part of the cache key: a change of the settings below makes new files
 BATCH = 8                 # frames per calibration and check forward (bounds the calibrator's memory)
+INT8_CACHE_KEEP = 16      # int8 files kept in --int8_cache_dir (the most recently used): one per job otherwise
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,10 @@ class Int8Files:
     :func:`default_cache_dir`; ``''``: a temporary folder that lives as long as this object, so
     every run quantizes again). Files are named by what they depend on (the model file's sha256,
     the calibration's digest, the quantizer's settings, the ONNX Runtime and torch versions), so a
-    rerun of the same job finds its int8 file and a changed one makes a new file."""
+    rerun of the same job finds its int8 file and a changed one makes a new file. Every job makes
+    one (a third of the fp32 export's size): only the ``keep`` most recently used int8 files stay."""
+
+    keep = INT8_CACHE_KEEP
 
     def __init__(self, directory: Optional[str] = None):
         self._tmp = None
@@ -366,7 +370,28 @@ class Int8Files:
         path = self.int8_path(model, calibration)
         if os.path.isfile(path):
             try:
-                return path, int8_info(metadata(session(path))), True
+                info = int8_info(metadata(session(path)))
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: the last to be pruned
+                return path, info, True
             except OnnxError:
                 log.warning("the cached int8 generator %s cannot be read: quantizing again", path)
-        return path, quantize_generator(fp32_path, path, calibration, settings["reduce_range"], model), False
+        info = quantize_generator(fp32_path, path, calibration, settings["reduce_range"], model)
+        self.prune(keep=path)
+        return path, info, False
+
+    def prune(self, keep: Optional[str] = None) -> None:
+        """Remove all but the :attr:`keep` most recently used int8 files of the folder (never ``keep``).
+        A file another process has open stays usable: ONNX Runtime reads it whole into its session."""
+        names = [n for n in os.listdir(self.directory) if n.endswith("-int8.onnx")]
+        paths = [os.path.join(self.directory, n) for n in names]
+        with_times = []
+        for p in paths:
+            with contextlib.suppress(OSError):
+                with_times.append((os.stat(p).st_mtime, p))
+        old = [p for _, p in sorted(with_times, reverse=True)[self.keep:]]
+        for p in old:
+            if keep is None or os.path.abspath(p) != os.path.abspath(keep):
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+                    log.info("removed the least recently used int8 generator %s", p)
