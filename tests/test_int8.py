@@ -149,7 +149,7 @@ def test_export_onnx_int8_then_inference_runs_the_file(job, tmp_path, capsys):
                            "--calibration_audio", job["wav"], "--box", *map(str, BOX)])
     line = capsys.readouterr().out
     assert "int8 (" in line and "calibrated on face.mp4 (50 face crops) + speech.wav" in line
-    assert rc == (0 if "(within" in line else 1)
+    assert rc == 0 and "(within PSNR" in line  # int8 within the threshold (and the fp32 export within tolerance)
     assert metadata(session(out))["precision"] == "int8"
     g = open_generator(out, device="cpu", precision="int8")
     assert isinstance(g, OnnxGenerator) and g.precision == "int8" and not g.awaiting_calibration

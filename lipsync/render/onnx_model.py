@@ -155,7 +155,8 @@ class OnnxGenerator(Generator):
         self.sess = session(onnx_path, threads)
         meta = metadata(self.sess)
         if meta.get("kind", "generator") != "generator":
-            raise OnnxError(f"{onnx_path!r} holds a {meta.get('kind')}, not a generator")
+            raise OnnxError(f"{onnx_path!r} holds a model of kind {meta.get('kind')!r}, not a generator: give a "
+                            "generator's .onnx (export_onnx.py --kind generator)")
         stored = meta.get("precision", "fp32")
         if precision not in ("auto", stored) and (precision, stored) != ("int8", "fp32"):
             raise PrecisionError(f"{onnx_path!r} holds an {stored} generator (ONNX Runtime); got --precision "
