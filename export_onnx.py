@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lipsync.core.cli import HelpFormatter
     from lipsync.render.onnx_model import FP32_TOLERANCE, OPSET
 
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
+    first_sentence = " ".join(__doc__.strip().split("\n\n")[0].split())  # the docstring's opening, two lines
+    p = argparse.ArgumentParser(description=first_sentence, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint_path", required=True, help="generator or expert checkpoint (.pth)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--kind", choices=("auto", "generator", "expert"), default="auto",
@@ -86,6 +87,10 @@ def main(argv=None) -> int:
     def run() -> int:
         from lipsync.render.onnx_model import OnnxError, example_inputs, export, max_abs_difference
 
+        given = {"--calibration_face": args.calibration_face, "--calibration_audio": args.calibration_audio}
+        for flag, path in given.items():
+            if path is not None and not os.path.exists(path):  # before the export, not after it
+                raise OnnxError(f"{flag} not found: {path!r}")
         with tempfile.TemporaryDirectory(prefix="wav2lip-export-") as tmp:
             fp32 = os.path.join(tmp, "fp32.onnx") if args.int8 else args.out
             info = export(args.checkpoint_path, fp32, kind=args.kind, opset=args.opset)
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
             q = quantize_generator(fp32, args.out, calib, model=args.checkpoint_path)
         reduce = "7-bit weights: this CPU has no VNNI" if q["quantizer"]["reduce_range"] else "8-bit weights: VNNI"
         print(f"wrote {args.out}: int8 ({reduce}), calibrated on {q['calibration']}; "
-              f"{quality_line(q['quality']).replace('this job', 'the calibration inputs')}")
+              f"{quality_line(q['quality'], of='the calibration inputs')}")
         return 0 if diff <= args.tolerance and INT8_THRESHOLD.met(q["quality"]) else 1
 
     return run_main(run)

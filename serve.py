@@ -151,7 +151,7 @@ def _serve(args) -> int:
         generator.calibrate(synthetic_calibration(generator.img_size))
         logging.warning("int8 generator calibrated on a synthetic clip (%s); for faces closer to fp32's, serve an "
                         "int8 file: export_onnx.py --int8 --calibration_face AVATAR --calibration_audio SPEECH",
-                        quality_line(generator.int8["quality"]).replace("this job", "the clip"))
+                        quality_line(generator.int8["quality"], of="the clip"))
     options = StreamOptions(jpeg_quality=args.jpeg_quality, idle_grace=args.idle_grace,
                             idle_timeout=args.idle_timeout, send_buffer=args.send_buffer)
     config = ServerConfig(avatars_dir=args.avatars_dir, token=args.token, max_sessions=args.max_sessions,

@@ -106,7 +106,7 @@ def test_an_expert_or_garbage_is_refused_as_a_generator(tmp_path):
     torch.save({"state_dict": model.state_dict()}, ckpt)
     out = tmp_path / "e.onnx"
     assert export_onnx.main(["--checkpoint_path", str(ckpt), "--out", str(out)]) == 0
-    with pytest.raises(OnnxError, match="holds a expert, not a generator"):
+    with pytest.raises(OnnxError, match="holds a model of kind 'expert', not a generator"):
         OnnxGenerator(str(out))
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")

@@ -176,8 +176,9 @@ def load_generator(cfg: InferenceConfig) -> Generator:
     from lipsync.render.onnx_model import open_generator
 
     precision = cfg.generator_precision
-    # int8 runs in ONNX Runtime on the CPU: --device auto means the CPU there, even beside a GPU
-    device = cfg.device if precision == "int8" else resolve_device(cfg.device)
+    # int8 and .onnx files run in ONNX Runtime on the CPU: --device auto means the CPU there, even beside a GPU
+    onnx_file = os.fspath(cfg.checkpoint_path).lower().endswith(".onnx")
+    device = cfg.device if precision == "int8" or onnx_file else resolve_device(cfg.device)
     return open_generator(cfg.checkpoint_path, device=device, precision=precision, threads=cfg.threads,
                           face_cache_mb=cfg.face_cache_mb, int8_cache_dir=cfg.int8_cache_dir)
 

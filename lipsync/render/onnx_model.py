@@ -155,7 +155,8 @@ class OnnxGenerator(Generator):
         self.sess = session(onnx_path, threads)
         meta = metadata(self.sess)
         if meta.get("kind", "generator") != "generator":
-            raise OnnxError(f"{onnx_path!r} holds a {meta.get('kind')}, not a generator")
+            raise OnnxError(f"{onnx_path!r} holds a model of kind {meta.get('kind')!r}, not a generator: give a "
+                            "generator's .onnx (export_onnx.py --kind generator)")
         stored = meta.get("precision", "fp32")
         if precision not in ("auto", stored) and (precision, stored) != ("int8", "fp32"):
             raise PrecisionError(f"{onnx_path!r} holds an {stored} generator (ONNX Runtime); got --precision "
@@ -170,12 +171,13 @@ class OnnxGenerator(Generator):
         self.precision = stored if precision == "auto" else precision
         self.awaiting_calibration = stored == "fp32" and self.precision == "int8"
         self.int8 = None  # the int8 file's metadata (quantizer, calibration, quality against fp32)
+        self.calibrated_here = False  # calibrate() made or found the int8 file for a job of this process
         self.int8_files = int8_files
         if stored == "int8":
             from lipsync.render.quantize import int8_info, warn_about
 
             self.int8 = int8_info(meta)
-            warn_about(self.int8, onnx_path)
+            warn_about(self.int8, onnx_path, of="the int8 file's calibration inputs")
         self.dtype = torch.float32
         self.img_size = int(face[2])
         self.width = float(meta.get("width", "nan"))
@@ -196,7 +198,9 @@ class OnnxGenerator(Generator):
             return super().tuning()
         from lipsync.render.quantize import quality_line
 
-        return f"{super().tuning()} | {quality_line(self.int8['quality'])}"
+        # a file quantized elsewhere (export_onnx.py --int8) was checked on its own calibration inputs
+        of = "this job" if self.calibrated_here else "the int8 file's calibration inputs"
+        return f"{super().tuning()} | {quality_line(self.int8['quality'], of=of)}"
 
     def calibrate(self, calibration) -> None:
         """Quantize this fp32 graph to int8 calibrated on ``calibration`` (a
@@ -211,6 +215,7 @@ class OnnxGenerator(Generator):
         self.sess = session(path, self.threads)
         self.checkpoint_path = os.path.abspath(path)
         self.awaiting_calibration = False
+        self.calibrated_here = True
         log.info("int8 generator %s (%s): %s", path, "from the cache" if cached else "quantized now",
                  self.int8["calibration"])
         warn_about(self.int8, path)

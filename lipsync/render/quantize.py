@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_SAMPLES = 96  # face crops and mel windows taken from a job: 64 calibrate, 32 check
 QUANTIZER_VERSION = 1     # part of the cache key: a change of the settings below makes new files
 BATCH = 8                 # frames per calibration and check forward (bounds the calibrator's memory)
+INT8_CACHE_KEEP = 16      # int8 files kept in --int8_cache_dir (the most recently used): one per job otherwise
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ def compare_faces(a: np.ndarray, b: np.ndarray) -> dict:
             "within_4": float(np.mean(diff <= 4)), "frames": int(len(a))}
 
 
-def quality_line(quality: dict, threshold: Threshold = INT8_THRESHOLD) -> str:
-    return (f"int8 vs fp32 on {quality['frames']} faces of this job: PSNR {quality['psnr_db']:.1f} dB, 99.9th "
+def quality_line(quality: dict, threshold: Threshold = INT8_THRESHOLD, of: str = "this job") -> str:
+    """One line of :func:`compare_faces`'s ``quality`` against ``threshold``; ``of``: whose faces they were."""
+    return (f"int8 vs fp32 on {quality['frames']} faces of {of}: PSNR {quality['psnr_db']:.1f} dB, 99.9th "
             f"percentile {quality['p999_abs']:g}, worst {quality['max_abs']} "
             f"({'within' if threshold.met(quality) else 'OUTSIDE'} {threshold.line()})")
 
@@ -275,12 +277,12 @@ def quantize_generator(fp32_path: str, out_path: str, calibration: Calibration,
     return info
 
 
-def warn_about(info: dict, path: str) -> None:
+def warn_about(info: dict, path: str, of: str = "this job") -> None:
     """Log a warning where the int8 file ``path`` (its metadata ``info``, see :func:`int8_info`) is
-    outside the threshold, or does not suit this CPU."""
+    outside the threshold (checked on the faces of ``of``), or does not suit this CPU."""
     quality = info.get("quality")
     if quality and not INT8_THRESHOLD.met(quality):
-        log.warning("%s: %s; fp32 keeps the frames closer to the model's", path, quality_line(quality))
+        log.warning("%s: %s; fp32 keeps the frames closer to the model's", path, quality_line(quality, of=of))
     if cpu_capabilities().vnni:
         return
     if not info.get("quantizer", {}).get("reduce_range", True):
@@ -317,7 +319,10 @@ class Int8Files:
     :func:`default_cache_dir`; ``''``: a temporary folder that lives as long as this object, so
     every run quantizes again). Files are named by what they depend on (the model file's sha256,
     the calibration's digest, the quantizer's settings, the ONNX Runtime and torch versions), so a
-    rerun of the same job finds its int8 file and a changed one makes a new file."""
+    rerun of the same job finds its int8 file and a changed one makes a new file. Every job makes
+    one (a third of the fp32 export's size): only the ``keep`` most recently used int8 files stay."""
+
+    keep = INT8_CACHE_KEEP
 
     def __init__(self, directory: Optional[str] = None):
         self._tmp = None
@@ -329,27 +334,64 @@ class Int8Files:
     def _path(self, model: str, parts: list, suffix: str) -> str:
         key = hashlib.sha256(json.dumps([_file_sha256(model)] + parts).encode()).hexdigest()[:16]
         stem = os.path.splitext(os.path.basename(model))[0]
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise OnnxError(f"--int8_cache_dir {self.directory!r} cannot be used ({exc.strerror}): give a folder "
+                            "that can be written, or '' to keep no files") from None
         return os.path.join(self.directory, f"{stem}-{key}-{suffix}.onnx")
+
+    @staticmethod
+    def _export_parts() -> list:
+        """What an fp32 export of a checkpoint depends on besides the checkpoint: the opset and torch."""
+        import torch
+
+        return [OPSET, torch.__version__]
 
     def fp32(self, checkpoint_path: str) -> str:
         """The fp32 ONNX export of a generator checkpoint (exported once)."""
-        import torch
-
-        path = self._path(checkpoint_path, ["fp32", OPSET, torch.__version__], "fp32")
+        path = self._path(checkpoint_path, ["fp32"] + self._export_parts(), "fp32")
         if not os.path.isfile(path):
             export(checkpoint_path, path, kind="generator")
         return path
 
+    def int8_path(self, model: str, calibration: Calibration) -> str:
+        """Where the int8 generator of ``model`` calibrated on ``calibration`` is kept: named by the
+        model file, the fp32 export it is quantized from (opset, torch), the calibration's digest,
+        the quantizer's settings and ONNX Runtime's version."""
+        ort = _require("onnxruntime")
+        return self._path(model, ["int8", calibration.digest(), quantizer_settings(), ort.__version__]
+                          + self._export_parts(), "int8")
+
     def int8(self, model: str, fp32_path: str, calibration: Calibration) -> Tuple[str, dict, bool]:
         """(path, metadata, found in the cache) of the int8 generator of ``model`` (a checkpoint or an
         fp32 .onnx; ``fp32_path`` its fp32 export) calibrated on ``calibration``."""
-        ort = _require("onnxruntime")
         settings = quantizer_settings()
-        path = self._path(model, ["int8", calibration.digest(), settings, ort.__version__], "int8")
+        path = self.int8_path(model, calibration)
         if os.path.isfile(path):
             try:
-                return path, int8_info(metadata(session(path))), True
+                info = int8_info(metadata(session(path)))
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: the last to be pruned
+                return path, info, True
             except OnnxError:
                 log.warning("the cached int8 generator %s cannot be read: quantizing again", path)
-        return path, quantize_generator(fp32_path, path, calibration, settings["reduce_range"], model), False
+        info = quantize_generator(fp32_path, path, calibration, settings["reduce_range"], model)
+        self.prune(keep=path)
+        return path, info, False
+
+    def prune(self, keep: Optional[str] = None) -> None:
+        """Remove all but the :attr:`keep` most recently used int8 files of the folder (never ``keep``).
+        A file another process has open stays usable: ONNX Runtime reads it whole into its session."""
+        names = [n for n in os.listdir(self.directory) if n.endswith("-int8.onnx")]
+        paths = [os.path.join(self.directory, n) for n in names]
+        with_times = []
+        for p in paths:
+            with contextlib.suppress(OSError):
+                with_times.append((os.stat(p).st_mtime, p))
+        old = [p for _, p in sorted(with_times, reverse=True)[self.keep:]]
+        for p in old:
+            if keep is None or os.path.abspath(p) != os.path.abspath(keep):
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+                    log.info("removed the least recently used int8 generator %s", p)
