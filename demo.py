@@ -24,6 +24,7 @@ import numpy as np
 
 FPS = 25.0                     # the synthetic corpus's frame rate
 KNOWN_SHIFTS = range(-6, 7)    # audio shifts (frames) the trained expert must measure exactly on held-out clips
+HELDOUT_SECONDS = 6.0          # length of the held-out input video and of the new speech it is lip-synced to
 EXPERT_EVAL_BATCHES = 16       # validation batches of 32 pairs scored at each of the expert's evaluations
 
 
@@ -34,8 +35,10 @@ def build_parser():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (a rerun reuses trained checkpoints found there)")
-    p.add_argument("--clips", type=int, default=24, help="synthetic clips to make (70%% train, 15%% val, 15%% test)")
-    p.add_argument("--seconds", type=float, default=3.0, help="length of each clip, seconds")
+    p.add_argument("--clips", type=int, default=48,
+                   help="synthetic clips to make (70%% train, 15%% val, 15%% test); more, shorter clips give the "
+                        "expert more identities to generalise from in the same number of frames")
+    p.add_argument("--seconds", type=float, default=1.5, help="length of each clip, seconds")
     p.add_argument("--clips_per_group", type=int, default=1,
                    help="clips sharing one identity (a group); 1 gives every clip its own identity, so more "
                         "identities to learn from")
@@ -292,16 +295,20 @@ def main(argv=None) -> int:
     from lipsync.media.video import iter_frames, probe_video
 
     test = [line.strip() for line in open(os.path.join(fl, "test.txt")) if line.strip()]
-    face_clip = os.path.join(raw, test[0] + ".mp4")
     truth_json = os.path.join(raw, test[0] + ".json")
     ident = Identity.from_dict(json.load(open(truth_json))["identity"])
-    # held-out audio: fresh speech no clip was made from, longer than the face video (which loops),
-    # so the unchanged input's mouth has only chance correlation with it
     import audio
     import cv2
 
+    # the input: the first test identity (never trained on) saying other speech for HELDOUT_SECONDS, so
+    # the input video is as long as the new speech and its mouth has only chance correlation with it
+    # (a 1.5 s test clip looped over 6 s would correlate by chance with a standard error near 0.16)
+    face_clip = os.path.join(out, "heldout_face.mp4")
+    other, _ = S.make_speech(np.random.default_rng(args.seed + 20_000), HELDOUT_SECONDS, out, speech_kind == "espeak-ng")
+    S.write_clip(face_clip, ident, other)
+    # held-out audio: fresh speech no clip was made from
     speech = os.path.join(out, "heldout_speech.wav")
-    wav, _ = S.make_speech(np.random.default_rng(args.seed + 10_000), 2 * args.seconds, out, speech_kind == "espeak-ng")
+    wav, _ = S.make_speech(np.random.default_rng(args.seed + 10_000), HELDOUT_SECONDS, out, speech_kind == "espeak-ng")
     audio.save_wav(wav, speech, 16000)
     wav = audio.load_wav(speech, 16000)
     result = os.path.join(out, "result.mp4")
