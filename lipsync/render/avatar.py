@@ -28,7 +28,7 @@ from lipsync.core.errors import Wav2LipError
 from lipsync.media.frames import FaceSource, frames_by_index, output_order
 from lipsync.core.pipeline import Timings
 from lipsync.core.progress import progress_bar
-from lipsync.core.fileio import current_umask
+from lipsync.core.fileio import current_umask, file_sha256
 from lipsync.render.avatar_settings import AvatarSettings
 from lipsync.render.settings import NO_BOX
 
@@ -204,14 +204,6 @@ def _cut_all(avatar: Avatar, timings: Timings, progress: bool) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Saving and loading
 # ------------------------------------------------------------------------------------------------
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_avatar(avatar: Avatar, folder: str) -> str:
     """Write ``avatar`` (prepared ``with_crops``) to ``folder``, atomically: the folder appears
     complete or not at all, and an avatar already there is replaced only once the new one is
@@ -277,7 +269,7 @@ def _write_folder(avatar: Avatar, tmp: str) -> None:
         "source_kind": "image" if avatar.source.is_image else "video", "frames": len(avatar.crops),
         "fps": avatar.fps, "rate": str(avatar.rate), "width": w, "height": h,
         "original": os.path.basename(avatar.source.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sha256": {name: _sha256(os.path.join(tmp, name)) for name in (source_name, "boxes.npy", "crops.npy")},
+        "sha256": {name: file_sha256(os.path.join(tmp, name)) for name in (source_name, "boxes.npy", "crops.npy")},
     }
     meta["meta_sha256"] = _meta_digest(meta)
     with open(os.path.join(tmp, "avatar.json"), "w", encoding="utf-8") as fh:
@@ -371,7 +363,7 @@ def load_avatar(folder: str, img_size: int, wanted: Optional[dict] = None, verif
         path = os.path.join(folder, name)
         if os.path.basename(name) != name or not os.path.isfile(path):
             raise AvatarError(f"avatar {folder!r} is incomplete ({name} is missing); " + _remake_hint(folder, meta))
-        if verify and _sha256(path) != meta["sha256"].get(name):
+        if verify and file_sha256(path) != meta["sha256"].get(name):
             raise AvatarError(f"avatar {folder!r} was changed or cut short ({name} does not match its checksum); "
                               + _remake_hint(folder, meta))
     try:

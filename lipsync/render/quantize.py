@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from lipsync.core.fileio import atomic_write
+from lipsync.core.fileio import atomic_write, file_sha256
 from lipsync.render.cpu import PrecisionError, cpu_capabilities
 from lipsync.render.generator import face_input
 from lipsync.render.onnx_model import OPSET, OnnxError, _require, export, metadata, session
@@ -306,14 +306,6 @@ def default_cache_dir() -> str:
     return os.path.join(base, "wav2lip", "int8")
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Int8Files:
     """Where the fp32 export of a checkpoint and its int8 files go: ``directory`` (None:
     :func:`default_cache_dir`; ``''``: a temporary folder that lives as long as this object, so
@@ -332,7 +324,7 @@ class Int8Files:
         self.directory = directory if directory is not None else default_cache_dir()
 
     def _path(self, model: str, parts: list, suffix: str) -> str:
-        key = hashlib.sha256(json.dumps([_file_sha256(model)] + parts).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([file_sha256(model)] + parts).encode()).hexdigest()[:16]
         stem = os.path.splitext(os.path.basename(model))[0]
         try:
             os.makedirs(self.directory, exist_ok=True)
