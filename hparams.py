@@ -95,6 +95,9 @@ class HParams:
     # ---- expert training ----
     syncnet_batch_size: int = 64
     syncnet_lr: float = 1e-4
+    # decoupled weight decay of the expert's optimiser (AdamW, Loshchilov & Hutter 2019, "Decoupled Weight
+    # Decay Regularization"); 0 keeps the published plain Adam
+    syncnet_weight_decay: float = 0.0
     syncnet_eval_interval: int = 10000
     syncnet_checkpoint_interval: int = 10000
     # random flip, colour gain / offset and a small zoom of each training window (the same for its
@@ -219,6 +222,8 @@ def apply_overrides(hp: HParams, overrides: dict) -> HParams:
         values[key] = value
     if values["model_width"] <= 0:
         raise HParamsError(f"hparam 'model_width' must be > 0; got {values['model_width']}")
+    if values["syncnet_weight_decay"] < 0:
+        raise HParamsError(f"hparam 'syncnet_weight_decay' must be >= 0; got {values['syncnet_weight_decay']}")
     return HParams(**values)
 
 

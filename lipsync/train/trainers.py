@@ -42,7 +42,11 @@ class ExpertTrainer(Trainer):
         self.best_is_highest = self.best_metric == "auc"
         self.best = self.worst_score()
         self.model = build_expert(self.hp).to(self.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.hp.syncnet_lr)
+        if self.hp.syncnet_weight_decay > 0:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.hp.syncnet_lr,
+                                         weight_decay=self.hp.syncnet_weight_decay)
+        else:
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=self.hp.syncnet_lr)
         if self.args.checkpoint_path:
             self.restore_counters(load_training_checkpoint(self.args.checkpoint_path, self.model, self.opt))
             log.info("resumed the expert from %s at step %d", self.args.checkpoint_path, self.global_step)
