@@ -27,6 +27,7 @@ import time
 
 
 def build_parser():
+    from face_detection import BACKENDS, BACKENDS_HELP
     from lipsync.core.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
     from lipsync.media.ffmpeg import add_ffmpeg_arg
 
@@ -39,8 +40,7 @@ def build_parser():
     p.add_argument("--checkpoint_path", help="this project's lip-sync expert (lipsync_expert.pth or a training checkpoint)")
     p.add_argument("--syncnet_model", help="syncnet_python's syncnet_v2.model, a local file")
     p.add_argument("--vshift", type=int, default=15, help="offsets searched, in frames each way (default: %(default)s)")
-    p.add_argument("--face_detector", default="sfd", choices=["sfd", "lbp"],
-                   help="face detector for every frame (sfd needs s3fd.pth; lbp needs no download)")
+    p.add_argument("--face_detector", default="sfd", choices=BACKENDS, help="face detector for every frame: " + BACKENDS_HELP)
     p.add_argument("--s3fd_path", default=None, help="S3FD weights (default face_detection/detection/sfd/s3fd.pth)")
     p.add_argument("--box", type=int, nargs=4, default=None, metavar=("X1", "Y1", "X2", "Y2"),
                    help="a fixed face box for every frame instead of detection")

@@ -22,7 +22,7 @@ import time
 
 
 def build_parser():
-    from face_detection import BACKENDS
+    from face_detection import BACKENDS, BACKENDS_HELP
     from lipsync.core.device import DEVICE_CHOICES
 
     from lipsync.core.cli import DEVICE_HELP, HelpFormatter, QUIET_HELP
@@ -33,8 +33,7 @@ def build_parser():
     p.add_argument("--preprocessed_root", required=True, help="where the crops go")
     p.add_argument("--batch_size", type=int, default=32, help="frames per face-detection batch")
     p.add_argument("--ngpu", type=int, default=1, help="worker processes, one detector each (one per GPU)")
-    p.add_argument("--face_detector", choices=BACKENDS, default="sfd",
-                   help="sfd: S3FD (needs s3fd.pth), as published; lbp: scikit-image's LBP cascade, no download")
+    p.add_argument("--face_detector", choices=BACKENDS, default="sfd", help=BACKENDS_HELP)
     p.add_argument("--s3fd_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--hq", choices=("prefer", "only", "ignore"), default="prefer",

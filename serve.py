@@ -167,7 +167,11 @@ def _serve(args) -> int:
         weights = args.s3fd_path or DEFAULT_S3FD_PATH
         if not os.path.isfile(weights):
             logging.warning("no S3FD weights at %s: uploads without a 'box' will fail until they are there "
-                            "(or restart with --face_detector lbp)", weights)
+                            "(or restart with --face_detector lbp or dlib_hog)", weights)
+    elif args.face_detector.startswith("dlib"):
+        from face_detection import get_detector
+
+        get_detector(args.face_detector)  # a missing optional package stops here, naming the pip command
     app = create_app(state)
     # no permessage-deflate: the frames are JPEGs (they do not shrink), and deflating them costs CPU
     # on both ends for every frame of every session

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -9,15 +10,39 @@ Box = Tuple[int, int, int, int]
 
 
 class DetectorError(Wav2LipError, RuntimeError):
-    """A detector that cannot be built or run (missing weights, unknown backend, bad frames)."""
+    """A detector that cannot be built or run (missing weights or package, unknown backend, bad frames)."""
+
+
+@dataclass(frozen=True)
+class Face:
+    """One face found in a frame.
+
+    ``box``: (x1, y1, x2, y2) in integer pixels of the frame, x to the right, y down, clipped to the
+    frame, forehead to chin and cheek to cheek (the extent S3FD reports; the other backends grow their
+    own boxes to it). ``score``: the backend's confidence (S3FD: softmax probability in (0, 1]; dlib:
+    the detector's margin or confidence, unbounded; lbp: 1.0, the cascade gives none). ``landmarks``:
+    None, or a (68, 2) float32 array of (x, y) pixels in the iBUG 300-W point order (0-16 jaw,
+    48-67 mouth) when the backend was asked for them.
+    """
+
+    box: Box
+    score: float
+    landmarks: Optional[np.ndarray] = None
 
 
 class FaceDetector:
-    """Base class: subclasses implement :meth:`_detect_batch` on validated frames."""
+    """Base class: subclasses implement :meth:`_detect_all_batch` on validated frames.
+
+    :meth:`detect_all` returns every face of every frame; :meth:`detect` (also ``__call__``) returns one
+    box per frame, the backend's best face (:meth:`best`), or None: the published single-face contract.
+    """
 
     name = "base"
 
-    def detect(self, frames: Sequence[np.ndarray]) -> list[Optional[Box]]:
+    def detect_all(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        """Every face of each frame. ``frames``: BGR uint8 images of shape (H, W, 3) (sizes may differ).
+        Returns one list per frame, best face first (the order :meth:`best` picks from). Raises
+        :class:`DetectorError` for a frame that is not (H, W, 3)."""
         frames = list(frames)
         if not frames:
             return []
@@ -25,9 +50,13 @@ class FaceDetector:
             if not isinstance(f, np.ndarray) or f.ndim != 3 or f.shape[2] != 3:
                 shape = getattr(f, "shape", None)
                 raise DetectorError(f"frame {i}: expected a BGR image of shape (H, W, 3), got {shape}")
-        return self._detect_batch(frames)
+        return self._detect_all_batch(frames)
 
-    def _detect_batch(self, frames: list[np.ndarray]) -> list[Optional[Box]]:
+    def detect(self, frames: Sequence[np.ndarray]) -> list[Optional[Box]]:
+        """One (x1, y1, x2, y2) pixel box per frame (the best face, see :meth:`detect_all`) or None."""
+        return [faces[0].box if faces else None for faces in self.detect_all(frames)]
+
+    def _detect_all_batch(self, frames: list[np.ndarray]) -> list[list[Face]]:
         raise NotImplementedError
 
     __call__ = detect
@@ -40,6 +69,14 @@ def clip_box(x1, y1, x2, y2, width: int, height: int) -> Optional[Box]:
     if x2 <= x1 or y2 <= y1:
         return None
     return x1, y1, x2, y2
+
+
+def grow_box(x1, y1, x2, y2, grow: Tuple[float, float, float], width: int, height: int) -> Optional[Box]:
+    """A backend's own box grown to the contract's forehead-to-chin extent and clipped to the image.
+    ``grow``: (top, bottom, sides) as fractions of the box's width (sides) and height (top, bottom)."""
+    top, bottom, sides = grow
+    bw, bh = x2 - x1, y2 - y1
+    return clip_box(x1 - sides * bw, y1 - top * bh, x2 + sides * bw, y2 + bottom * bh, width, height)
 
 
 def box_iou(a, b) -> float:

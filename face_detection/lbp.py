@@ -8,13 +8,18 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .base import FaceDetector, clip_box
+from .base import Face, FaceDetector, box_iou, grow_box
 
 # growth of the cascade's square box, as fractions of its side (measured on the bundled photographs)
 GROW_TOP, GROW_BOTTOM, GROW_SIDES = 0.05, 0.20, 0.02
+# a smaller box overlapping a kept larger one by more than this IoU is the same face at another scale
+DUPLICATE_IOU = 0.3
 
 
 class LBPDetector(FaceDetector):
+    """scikit-image's LBP cascade on a grey, histogram-equalized copy whose longer side is at most
+    ``max_side`` pixels; every face it finds, largest first (score 1.0: the cascade gives none)."""
+
     name = "lbp"
 
     def __init__(self, max_side: int = 320, scale_factor: float = 1.15, min_neighbors: int = 2):
@@ -39,12 +44,13 @@ class LBPDetector(FaceDetector):
             img=gray.astype(np.float32) / 255.0, scale_factor=self.scale_factor, step_ratio=1,
             min_size=(max(24, side // 8),) * 2, max_size=(side, side),
             min_neighbor_number=self.min_neighbors)
-        if not dets:
-            return None
-        best = max(dets, key=lambda d: d["width"] * d["height"])
-        x, y, bw, bh = (v / scale for v in (best["c"], best["r"], best["width"], best["height"]))
-        return clip_box(x - GROW_SIDES * bw, y - GROW_TOP * bh, x + bw * (1 + GROW_SIDES),
-                        y + bh * (1 + GROW_BOTTOM), w, h)
+        faces = []
+        for d in sorted(dets, key=lambda d: d["width"] * d["height"], reverse=True):
+            x, y, bw, bh = (v / scale for v in (d["c"], d["r"], d["width"], d["height"]))
+            box = grow_box(x, y, x + bw, y + bh, (GROW_TOP, GROW_BOTTOM, GROW_SIDES), w, h)
+            if box is not None and all(box_iou(box, f.box) <= DUPLICATE_IOU for f in faces):
+                faces.append(Face(box, 1.0))
+        return faces
 
-    def _detect_batch(self, frames):
+    def _detect_all_batch(self, frames):
         return [self._detect_one(f) for f in frames]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DetectorError, FaceDetector, clip_box
+from .base import DetectorError, Face, FaceDetector, clip_box
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +21,17 @@ def _missing_weights_message(path: str) -> str:
     from . import S3FD_URL
 
     return (f"S3FD weights not found at {path!r}. Download them from {S3FD_URL} and save them there "
-            f"(or pass another path), or use the download-free detector: --face_detector lbp")
+            f"(or pass another path), or use a download-free detector: --face_detector lbp, or dlib_hog "
+            f"(pip install -r requirements-faces.txt)")
 
 
-def boxes_from_outputs(olist, batch_size: int, score_threshold: float = SCORE_THRESHOLD):
-    """Post-process raw S3FD head outputs into one (x1, y1, x2, y2, score) array or None per image.
+def candidates_from_outputs(olist, batch_size: int, score_threshold: float = SCORE_THRESHOLD) -> list[np.ndarray]:
+    """Post-process raw S3FD head outputs into every face of each image: one (K, 5) float64 array of
+    (x1, y1, x2, y2, score) rows per image, in input pixels, highest score first (K may be 0).
 
     ``olist`` alternates class scores (softmaxed here) and box regressions for strides 4..128, as the
-    network returns them. Candidates are decoded against the anchors, non-maximum suppressed, filtered
-    by score, and the highest-scoring survivor is returned.
+    network returns them. Candidates are decoded against the anchors, non-maximum suppressed (IoU
+    above ``NMS_THRESHOLD``, face-alignment's value) and filtered by score.
     """
     from face_alignment.detection.sfd.bbox import nms
     from face_alignment.detection.sfd.detect import get_predictions
@@ -46,13 +48,21 @@ def boxes_from_outputs(olist, batch_size: int, score_threshold: float = SCORE_TH
         cand = preds[b] if preds.size else np.zeros((0, 5), np.float32)
         cand = np.asarray(cand, dtype=np.float64).reshape(-1, 5)
         if len(cand):
-            cand = cand[nms(cand, NMS_THRESHOLD)]
+            cand = cand[nms(cand, NMS_THRESHOLD)]  # nms keeps indices in descending score order
             cand = cand[cand[:, 4] > score_threshold]
-        results.append(cand[0] if len(cand) else None)
+        results.append(cand)
     return results
 
 
+def boxes_from_outputs(olist, batch_size: int, score_threshold: float = SCORE_THRESHOLD):
+    """The highest-scoring row of :func:`candidates_from_outputs` per image, (5,) float64, or None."""
+    return [cand[0] if len(cand) else None for cand in candidates_from_outputs(olist, batch_size, score_threshold)]
+
+
 class S3FDDetector(FaceDetector):
+    """S3FD (Zhang et al. 2017) as face-alignment builds it, weights from ``weights_path``; every face
+    scoring above ``score_threshold``, highest score first."""
+
     name = "sfd"
 
     def __init__(self, device="cpu", weights_path: str | None = None, score_threshold: float = SCORE_THRESHOLD,
@@ -83,14 +93,15 @@ class S3FDDetector(FaceDetector):
         self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
-    def _detect_batch(self, frames):
+    def _detect_all_batch(self, frames):
         h, w = frames[0].shape[:2]
         if any(f.shape[:2] != (h, w) for f in frames):
-            return [d for f in frames for d in self._detect_batch([f])]
+            return [d for f in frames for d in self._detect_all_batch([f])]
         x = torch.from_numpy(np.stack(frames)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float() - self._mean  # the network was trained on BGR
+        x = x.permute(0, 3, 1, 2).float() - self._mean  # (B, 3, H, W); the network was trained on BGR
         olist = self.net(x.half() if self.half else x)
         results = []
-        for det in boxes_from_outputs(olist, len(frames), self.score_threshold):
-            results.append(None if det is None else clip_box(det[0], det[1], det[2], det[3], w, h))
+        for cand in candidates_from_outputs(olist, len(frames), self.score_threshold):
+            boxes = [(clip_box(*row[:4], w, h), float(row[4])) for row in cand]
+            results.append([Face(box, score) for box, score in boxes if box is not None])
         return results

@@ -146,3 +146,14 @@ def test_bad_frames_are_rejected():
     with pytest.raises(DetectorError, match="expected a BGR image"):
         det.detect([np.zeros((10, 10), np.uint8)])
     assert det.detect([]) == []
+
+
+def test_sfd_detect_all_returns_every_face_best_first(s3fd_weights):
+    det = get_detector("sfd", weights_path=s3fd_weights)
+    # two separate anchors (stride 16) with different scores, one weak one filtered out
+    det.net = lambda x: _head_outputs(1, 128, [(0, 2, 1, 1, 8.0, (0, 0, 0, 0)), (0, 2, 5, 5, 12.0, (0, 0, 0, 0)),
+                                               (0, 2, 3, 6, 4.0, (0, 0, 0, 0))])
+    (faces,) = det.detect_all([np.zeros((128, 128, 3), np.uint8)])
+    assert [f.box for f in faces] == [(56, 56, 120, 120), (0, 0, 56, 56)]  # anchor side 64 at (88, 88) and (24, 24)
+    assert faces[0].score > faces[1].score > 0.5 and faces[0].landmarks is None
+    assert det.detect([np.zeros((128, 128, 3), np.uint8)]) == [faces[0].box]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Mapping
 
-from face_detection import BACKENDS
+from face_detection import BACKENDS, BACKENDS_HELP
 from lipsync.core.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, QUIET_HELP, THREADS_HELP
 from lipsync.core.device import DEVICE_CHOICES
 from lipsync.core.settings import Setting, SettingError, by_name
@@ -63,7 +63,7 @@ INFERENCE = [
             nargs=4, metavar=SIDES, avatar="box"),
     Setting("rotate", "rotate the input 90 degrees clockwise first", False, bool, avatar="transform.rotate"),
     Setting("nosmooth", "do not smooth face boxes over 5 frames", False, bool, avatar="nosmooth"),
-    Setting("face_detector", "sfd (S3FD, needs s3fd.pth) or lbp (no download)", "sfd", choices=BACKENDS,
+    Setting("face_detector", BACKENDS_HELP, "sfd", choices=BACKENDS,
             avatar="detection.detector"),
     Setting("s3fd_path", "S3FD weights (None: face_detection/detection/sfd/s3fd.pth)"),
     Setting("det_scale", "detect on frames scaled by F (0 = auto: full size in parity mode, else shorter side <= "
