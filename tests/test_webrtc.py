@@ -193,6 +193,7 @@ def test_tracks_speech_sync_interrupt_and_a_second_viewer(media, tmp_path):
 
             # speech from the server side: the same samples, and the mouth moves with them
             heard = len(first.audio)
+            asked = time.monotonic()
             r = speak(client, sid, media["short"])
             assert r.status_code == 202, r.text
             n = r.json()["frames"]
@@ -208,6 +209,8 @@ def test_tracks_speech_sync_interrupt_and_a_second_viewer(media, tmp_path):
             assert sum(talk) >= n - 3, (sum(talk), n)
             t_video = first.video[talk.index(True)][0]
             t_audio = arrival[k]
+            print(f"speak -> first talk frame {t_video - asked:.3f} s; talk frame - speech onset, as they arrive: "
+                  f"{(t_video - t_audio) * 1000:+.0f} ms")
             assert abs(t_video - t_audio) < 0.1, (t_video, t_audio)   # within a few frames, as they arrive
             assert len(sink.frames[sid]) == n
 
