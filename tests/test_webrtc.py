@@ -3,19 +3,16 @@ machine: both tracks arrive at the avatar's size and fps, the audio is the spoke
 and speech arrive together, interruption, a second viewer, limits, and peers that close, never
 connect or vanish free what they held. Skipped without aiortc (pip install -r requirements-webrtc.txt)."""
 import asyncio
-import os
 import subprocess
 import sys
 import threading
 import time
 
-import cv2
 import numpy as np
 import pytest
 
 import audio
-from conftest import REFERENCE
-from media import astronaut
+from media import astronaut, photo_and_speech
 from serving import tiny_checkpoint
 
 pytest.importorskip("fastapi")
@@ -39,15 +36,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("webrtc")
-    photo = str(d / "face.png")
-    cv2.imwrite(photo, astronaut())
-    speech = audio.load_wav(os.path.join(REFERENCE, "speechlike_16k.wav"))
-    files = {}
-    for name, (a, b) in {"short": (0.5, 1.5), "long": (0.0, 4.0)}.items():
-        files[name] = str(d / f"{name}.wav")
-        audio.save_wav(speech[int(a * 16000):int(b * 16000)], files[name], audio.SAMPLE_RATE)
+    files = photo_and_speech(d, "face.png", {"short": ("short.wav", 0.5, 1.5), "long": ("long.wav", 0, 4)})
     gen = Generator(tiny_checkpoint(d / "tiny.pth"), device="cpu", precision="fp32")
-    return {"dir": d, "gen": gen, "photo": photo, **files}
+    return {"dir": d, "gen": gen, **files}
 
 
 class Sink:
