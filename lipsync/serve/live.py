@@ -87,6 +87,7 @@ class Viewer:
         self.dropped = 0
         self.connected = False
         self.close: Optional[Callable[[], "asyncio.Future"]] = None   # set by whoever serves the viewer
+        self.timer: Optional[asyncio.Task] = None                       # its connect timeout, if any
 
     def push(self, tick: int, frame: np.ndarray, samples: np.ndarray) -> None:
         for q, item in ((self.video, (tick, frame)), (self.audio, (tick, samples))):

@@ -168,7 +168,7 @@ async def answer(session: LiveSession, sdp: str, kind: str) -> dict:
     except Exception:
         await close()
         raise
-    session.loop.create_task(give_up())
+    viewer.timer = session.loop.create_task(give_up())   # held: the loop keeps only weak references to tasks
     return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "viewer_id": viewer.viewer_id}
 
 
