@@ -62,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
              "the oldest talk frames are dropped")
     add("--idle_grace", type=float, default=0.25,
         help="seconds past the expected next audio message before idle frames start (negative: no idle frames)")
-    add("--idle_timeout", type=float, default=300.0, help="a stream without audio for this many seconds is closed")
+    add("--idle_timeout", type=float, default=300.0,
+        help="a stream without audio, or a live session without viewers and speech, for this many seconds is closed")
+    add("--max_viewers", type=int, default=4, help="WebRTC viewers per live session (/v1/sessions); more get 503")
+    add("--ice_server", action="append", default=[], metavar="URL",
+        help="a STUN or TURN server for WebRTC (stun:host:port, turn:host:port); repeat for several; default: none "
+             "(host candidates only: viewers on this machine or its network)")
+    add("--ice_username", default=None, help="username for the --ice_server turn: URLs")
+    add("--ice_credential", default=None, help="credential (password) for the --ice_server turn: URLs")
+    add("--webrtc_lead", type=float, default=0.2,
+        help="seconds of an utterance rendered before it starts playing to WebRTC viewers")
+    add("--connect_timeout", type=float, default=30.0,
+        help="seconds a WebRTC viewer may take to connect after its offer was answered; later it is dropped")
     add("--hold_mb", type=float, default=1024.0, help="decoded frames of an avatar kept in memory up to this many "
                                                       "MB (larger avatars are decoded per session)")
     add("--shutdown_timeout", type=float, default=30.0,
@@ -93,7 +104,7 @@ def check_args(args) -> None:
         raise ServeError("--token must be at least 8 characters")
     if not 0 < args.port < 65536:
         raise ServeError(f"--port must be 1-65535, got {args.port}")
-    for name in ("max_sessions", "max_batch"):
+    for name in ("max_sessions", "max_batch", "max_viewers"):
         if getattr(args, name) < 1:
             raise ServeError(f"--{name} must be >= 1")
     if args.send_buffer < MAX_GROUP:
@@ -102,12 +113,22 @@ def check_args(args) -> None:
     if not 1 <= args.jpeg_quality <= 100:
         raise ServeError("--jpeg_quality must be 1-100")
     limits = ("max_upload_mb", "idle_timeout", "upload_timeout", "max_frame_pixels", "max_avatar_seconds",
-              "max_audio_seconds")
+              "max_audio_seconds", "connect_timeout")
     for name in limits:
         if not getattr(args, name) > 0:
             raise ServeError(f"--{name} must be positive")
-    if args.batch_wait_ms < 0 or args.shutdown_timeout < 0:
-        raise ServeError("--batch_wait_ms and --shutdown_timeout must not be negative")
+    for url in args.ice_server:
+        if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+            raise ServeError(f"--ice_server {url!r}: give a stun:, stuns:, turn: or turns: URL")
+    if args.ice_server:
+        from lipsync.serve.webrtc import WebRTCUnavailable, require_aiortc
+
+        try:
+            require_aiortc()
+        except WebRTCUnavailable as exc:
+            raise ServeError(f"--ice_server is for WebRTC, which needs aiortc: {exc}") from None
+    if args.batch_wait_ms < 0 or args.shutdown_timeout < 0 or args.webrtc_lead < 0:
+        raise ServeError("--batch_wait_ms, --shutdown_timeout and --webrtc_lead must not be negative")
     if not os.path.isfile(args.checkpoint_path):
         raise ServeError(f"--checkpoint_path not found: {args.checkpoint_path!r}")
 
@@ -136,6 +157,7 @@ def _serve(args) -> int:
 
     from lipsync.render.onnx_model import open_generator
     from lipsync.serve.app import create_app
+    from lipsync.serve.live import LiveOptions
     from lipsync.serve.state import ServerConfig, ServerState
     from lipsync.serve.stream_output import StreamOptions
 
@@ -159,7 +181,10 @@ def _serve(args) -> int:
                           s3fd_path=args.s3fd_path, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                           hold_mb=args.hold_mb, max_frame_pixels=args.max_frame_pixels,
                           max_avatar_seconds=args.max_avatar_seconds, max_audio_seconds=args.max_audio_seconds,
-                          upload_timeout=args.upload_timeout, stream=options)
+                          upload_timeout=args.upload_timeout, stream=options,
+                          live=LiveOptions(max_viewers=args.max_viewers, lead=args.webrtc_lead,
+                                           connect_timeout=args.connect_timeout, ice_servers=tuple(args.ice_server),
+                                           ice_username=args.ice_username, ice_credential=args.ice_credential))
     state = ServerState(generator, config)
     if args.face_detector == "sfd":
         from face_detection import DEFAULT_S3FD_PATH
@@ -183,9 +208,19 @@ def _serve(args) -> int:
     server = _Server(uv, state)
     n = len(state.store.ids())
     print(f"wav2lip server: {generator.describe()}; {n} avatar(s) in {state.store.root}", flush=True)
+    _say_if_no_webrtc()
     print(f"open {browser_url(args.host, args.port, bool(args.token))} in a browser", flush=True)
     server.run()
     return 0 if server.started else 2
+
+
+def _say_if_no_webrtc() -> None:
+    from lipsync.serve.webrtc import WebRTCUnavailable, require_aiortc
+
+    try:
+        require_aiortc()
+    except WebRTCUnavailable as exc:
+        logging.warning("WebRTC (/v1/sessions) is off: %s", exc)
 
 
 class _DenialNoise(logging.Filter):

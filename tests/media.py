@@ -95,3 +95,21 @@ def av_lag(openness, loudness, max_lag=12):
         if corr > best_corr:
             best_lag, best_corr = lag, corr
     return best_lag
+
+
+def photo_and_speech(folder, photo_name, clips):
+    """The astronaut photo saved as ``folder/photo_name`` and excerpts of the reference speech
+    (tests/fixtures/reference/speechlike_16k.wav): ``clips`` maps a name to (file name, start s, end s).
+    Returns {"photo": path, name: wav path, ...}."""
+    import os
+
+    from audio import load_wav, save_wav
+
+    reference = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reference")
+    out = {"photo": str(folder / photo_name)}
+    cv2.imwrite(out["photo"], astronaut())
+    speech = load_wav(os.path.join(reference, "speechlike_16k.wav"))
+    for name, (file_name, start, end) in clips.items():
+        out[name] = str(folder / file_name)
+        save_wav(speech[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)], out[name], SAMPLE_RATE)
+    return out

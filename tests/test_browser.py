@@ -5,17 +5,14 @@ microphone path (Chromium's fake capture device fed a wav). Each checks that fra
 page's counters, and a canvas that is not blank) and that the browser console logged no error.
 Also the page's microphone resampler on tones. Skipped when chromium, chromedriver or selenium is
 missing (CI installs them: .ci/run)."""
-import os
 import shutil
 import tempfile
 
-import cv2
 import numpy as np
 import pytest
 
 import audio
-from conftest import REFERENCE
-from media import astronaut
+from media import photo_and_speech
 from serving import Server, get_json, tiny_checkpoint
 
 pytest.importorskip("uvicorn")
@@ -42,14 +39,8 @@ CHROMIUM_FLAGS = (
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("browser")
-    photo = str(d / "face.jpg")
-    cv2.imwrite(photo, astronaut())
-    speech = audio.load_wav(os.path.join(REFERENCE, "speechlike_16k.wav"))
-    wav = str(d / "speech_2s.wav")
-    audio.save_wav(speech[:2 * audio.SAMPLE_RATE], wav, audio.SAMPLE_RATE)
-    short = str(d / "speech_1s.wav")
-    audio.save_wav(speech[audio.SAMPLE_RATE:2 * audio.SAMPLE_RATE], short, audio.SAMPLE_RATE)
-    return {"dir": d, "ckpt": tiny_checkpoint(d / "wav2lip_tiny.pth"), "photo": photo, "wav": wav, "short": short}
+    files = photo_and_speech(d, "face.jpg", {"wav": ("speech_2s.wav", 0, 2), "short": ("speech_1s.wav", 1, 2)})
+    return {"dir": d, "ckpt": tiny_checkpoint(d / "wav2lip_tiny.pth"), **files}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ under uvicorn. The contract (docs/serving.md):
 - ``POST /v1/lipsync`` (multipart ``avatar_id`` or ``face`` file, and ``audio`` file) -> video/mp4,
   what ``inference.py`` writes for that face and audio.
 - WebSocket ``/v1/stream?avatar_id=ID``: see :mod:`lipsync.serve.sessions`.
+- ``/v1/sessions``: live sessions watched over WebRTC, speech from the server side: see
+  :mod:`lipsync.serve.routes.live`.
 - ``/``: the web page (``lipsync/serve/web/index.html``), ``/web/...``: its other files.
 
 Errors are JSON ``{"detail": message}``: 401 without the token (when the server has one), 404 for
@@ -33,7 +35,7 @@ from lipsync.core.errors import Wav2LipError
 from lipsync.render.streaming import warm_up_mel
 from lipsync.serve.auth import TokenRequired, guarded, method_not_allowed, refuse
 from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound
-from lipsync.serve.routes import avatars, jobs, page, stream
+from lipsync.serve.routes import avatars, jobs, live, page, stream
 from lipsync.serve.state import ApiError, ServerState, get_state
 
 
@@ -53,7 +55,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="wav2lip server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     _error_responses(app)
-    for area in (page, avatars, jobs, stream):
+    for area in (page, avatars, jobs, stream, live):
         app.include_router(area.router)
     page.mount_web(app)
     # what no route takes (a path with or without a trailing slash too many: redirected; else 404)

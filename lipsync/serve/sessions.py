@@ -10,7 +10,8 @@ How a session runs:
 
 - The receiving coroutine turns each PCM message into mel windows as soon as they are final
   (:class:`lipsync.render.streaming.FrameWindows`) and queues them for the render thread.
-- The render thread runs :func:`lipsync.render.engine.render_windows` (the one render path) on those
+- The render thread (:class:`lipsync.serve.render_feed.RenderFeed`) runs
+  :func:`lipsync.render.engine.render_windows` (the one render path) on those
   windows with a ``generate`` function that goes through the server's cross-session
   :class:`lipsync.render.forward.ForwardQueue`, encodes each frame as JPEG and posts it to the session's
   :class:`~lipsync.serve.stream_output.Outbox`.
@@ -29,26 +30,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
-import threading
 import time
 from collections import deque
 from typing import Deque, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 import audio
 from lipsync.render.avatar import Avatar
-from lipsync.render.engine import GenerateFn, composer_for, render_windows
-from lipsync.core.errors import Wav2LipError
-from lipsync.core.pipeline import END, StageStopped
+from lipsync.render.engine import GenerateFn
 from lipsync.render.streaming import FrameWindows, StreamError, pcm16_to_float
+from lipsync.serve.render_feed import MAX_GROUP, RenderFeed
 from lipsync.serve.stream_output import SAMPLE_BYTES, FrameSink, IdleFrames, Outbox, StreamOptions, encode_jpeg
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP = 16                   # windows handed to the render path at once (the most frames posted in one burst)
 MAX_TEXT_BYTES = 4096
 
 # WebSocket close codes (RFC 6455)
@@ -88,14 +84,15 @@ class StreamSession:
         self.options = options
         self.idle = idle
         self.frame_sink = frame_sink
-        self.device = torch.device(device or "cpu")
         self.windows = FrameWindows(avatar.fps)
-        self.produced = 0                  # talk frames rendered (render thread)
+        self.feed = RenderFeed(sid, avatar, generate, options, device, self._emit,
+                               finished=lambda n: self._post(("end", n)),
+                               failed=lambda message: self._post(("error", message, CLOSE_INTERNAL)))
         self.sent = 0                      # talk frames written to the socket
         self.idle_index = 0                # idle frames queued (their numbering)
         self.idle_sent = 0
         self.ended = False                 # the client sent {"type": "end"}
-        self.cancel = threading.Event()
+        self.cancel = self.feed.cancel
         self.outbox: Optional[Outbox] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.started = time.monotonic()
@@ -103,8 +100,6 @@ class StreamSession:
         self.last_audio_s = 0.0            # its duration, seconds
         self.ready_at: Deque[Tuple[int, float]] = deque()  # (talk frame, arrival of the audio that completed it)
         self.latencies: List[float] = []   # seconds from that arrival to the frame being sent
-        self._groups: "queue.Queue" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
         self._pause = 0                    # idle frames in the current pause
 
     # ---- state other parts read -----------------------------------------------------------------
@@ -113,29 +108,10 @@ class StreamSession:
         return self.windows.frames > self.produced and not self.cancel.is_set()
 
     # ---- the render thread ----------------------------------------------------------------------
-    def _window_groups(self):
-        """The windows queued for rendering, in groups: whatever has arrived since the last group, up
-        to MAX_GROUP windows. A session that keeps up gets each message's frames at once; one that
-        falls behind its audio (the generator slower per frame in small batches than in large ones,
-        as on a CPU) catches up in larger, cheaper batches instead of falling further behind."""
-        waiting = None
-        while True:
-            group = self._groups.get() if waiting is None else waiting
-            waiting = None
-            if group is END or self.cancel.is_set():
-                return
-            parts, n = [group], len(group)
-            while n < MAX_GROUP:
-                try:
-                    more = self._groups.get_nowait()
-                except queue.Empty:
-                    break
-                if more is END or n + len(more) > MAX_GROUP:
-                    waiting = more
-                    break
-                parts.append(more)
-                n += len(more)
-            yield parts[0] if len(parts) == 1 else np.concatenate(parts)  # (G, 80, 16)
+    @property
+    def produced(self) -> int:
+        """Talk frames rendered."""
+        return self.feed.produced
 
     def _post(self, item: tuple) -> None:
         try:
@@ -143,44 +119,22 @@ class StreamSession:
         except RuntimeError:  # the event loop is closed: the server is gone, nobody to tell
             self.cancel.set()
 
-    def _render(self) -> None:
-        opts = self.options
-        try:
-            composer = composer_for(self.avatar.img_size, opts.blend, self.device, opts.on_device)
-            frames = render_windows(self.generate, self.avatar, self._window_groups(), n_out=None, loop=opts.loop,
-                                    blend=opts.blend, cache_faces=True, composer=composer)
-            try:
-                for i, frame in enumerate(frames):
-                    if self.cancel.is_set():
-                        return
-                    if self.frame_sink is not None:
-                        self.frame_sink(self.sid, i, frame)
-                    data = encode_jpeg(frame, opts.jpeg_quality)
-                    self.produced = i + 1
-                    self._post(("frame", i, data))
-            finally:
-                frames.close()
-            if not self.cancel.is_set():
-                self._post(("end", self.produced))
-        except (Wav2LipError, StageStopped) as exc:
-            self._post(("error", str(exc), CLOSE_INTERNAL))
-        except Exception as exc:  # noqa: BLE001 - a bug, but it must end this session, not the server
-            log.exception("session %s: render failed", self.sid)
-            self._post(("error", f"internal error: {type(exc).__name__}: {exc}", CLOSE_INTERNAL))
+    def _emit(self, i: int, frame: np.ndarray, tag) -> None:
+        if self.frame_sink is not None:
+            self.frame_sink(self.sid, i, frame)
+        self._post(("frame", i, encode_jpeg(frame, self.options.jpeg_quality)))
 
     def _queue_windows(self, windows: np.ndarray, arrived: float) -> None:
         first = self.windows.frames - len(windows)
         self.ready_at.extend((first + k, arrived) for k in range(len(windows)))
-        for k in range(0, len(windows), MAX_GROUP):
-            self._groups.put(windows[k:k + MAX_GROUP])
+        self.feed.put(windows)
 
     # ---- the coroutines -------------------------------------------------------------------------
     async def run(self, ws) -> None:
         """Serve the accepted WebSocket ``ws`` (Starlette) until the stream is over."""
         self.loop = asyncio.get_running_loop()
         self.outbox = Outbox(max(MAX_GROUP, self.options.send_buffer))
-        self._thread = threading.Thread(target=self._render, name=f"session-{self.sid}", daemon=True)
-        self._thread.start()
+        self.feed.start()
         sender = asyncio.create_task(self._send(ws))
         receiver = asyncio.create_task(self._receive(ws))
         idler = asyncio.create_task(self._idle())
@@ -197,12 +151,11 @@ class StreamSession:
                 task.cancel()
             await asyncio.gather(receiver, sender, idler, return_exceptions=True)
             self.stop()
-            await asyncio.to_thread(self._thread.join, 10)
+            await asyncio.to_thread(self.feed.join, 10)
 
     def stop(self) -> None:
         """Stop rendering (idempotent): the render thread ends at its next frame."""
-        self.cancel.set()
-        self._groups.put(END)
+        self.feed.stop()
 
     def fail(self, message: str, code: int) -> None:
         """End the session with an error (from the event loop)."""
@@ -267,7 +220,7 @@ class StreamSession:
             raise SessionError(str(exc), CLOSE_UNSUPPORTED) from None
         if len(windows):
             self._queue_windows(windows, time.monotonic())
-        self._groups.put(END)
+        self.feed.end()
         return True
 
     async def _send(self, ws) -> None:

@@ -12,7 +12,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from starlette.requests import HTTPConnection
 
@@ -20,6 +20,7 @@ from lipsync.render.avatar import Avatar
 from lipsync.render.generator import Generator
 from lipsync.render.settings import DEFAULTS
 from lipsync.serve.avatar_store import AvatarStore
+from lipsync.serve.live import LiveOptions, LiveSession
 from lipsync.serve.sessions import CLOSE_GOING_AWAY, StreamSession
 from lipsync.serve.stream_output import FrameSink, IdleFrames, StreamOptions
 
@@ -44,6 +45,7 @@ class ServerConfig:
     max_audio_seconds: float = 600.0
     upload_timeout: float = 600.0
     stream: StreamOptions = field(default_factory=StreamOptions)
+    live: LiveOptions = field(default_factory=LiveOptions)
 
 
 class ApiError(Exception):
@@ -67,7 +69,7 @@ class ServerState:
         self.frame_sink = frame_sink
         self.store = AvatarStore(config.avatars_dir, generator.img_size, hold_mb=config.hold_mb,
                                  on_unload=self._forget_faces)
-        self.sessions: Dict[str, Optional[StreamSession]] = {}  # None: a /v1/lipsync job
+        self.sessions: Dict[str, Optional[Union[StreamSession, LiveSession]]] = {}  # None: a /v1/lipsync job
         self.lock = threading.Lock()
         self.idle = IdleFrames(config.stream.jpeg_quality)
         generator.queue.configure(max_batch=config.max_batch, max_wait=config.batch_wait_ms / 1000.0,
@@ -133,12 +135,13 @@ class ServerState:
 
     async def end_streams(self, grace: float = 5.0) -> None:
         """Refuse new sessions and end running streams with an error message (``{"type": "error"}``,
-        close code 1001), waiting up to ``grace`` seconds for them to go."""
+        close code 1001) and live sessions (their viewers disconnected), waiting up to ``grace``
+        seconds for them to go."""
         with self.lock:
             self.closing = True
             running = [s for s in self.sessions.values() if s is not None]
         for s in running:
-            if s.loop is not None and s.outbox is not None:
+            if s.loop is not None:   # a stream's outbox is set with its loop, before either runs
                 with contextlib.suppress(RuntimeError):  # that session's loop is already closed
                     s.loop.call_soon_threadsafe(s.fail, "the server is shutting down", CLOSE_GOING_AWAY)
         waited = 0.0
@@ -161,11 +164,14 @@ class ServerState:
     def health(self) -> dict:
         g = self.generator
         with self.lock:
-            streams = sum(1 for s in self.sessions.values() if s is not None)
-            jobs = len(self.sessions) - streams
+            streams = sum(1 for s in self.sessions.values() if isinstance(s, StreamSession))
+            live = [s for s in self.sessions.values() if isinstance(s, LiveSession)]
+            jobs = len(self.sessions) - streams - len(live)
+            viewers = sum(len(s.viewers) for s in live)
         return {"status": "shutting down" if self.closing else "ok", "model": g.describe(), "img_size": g.img_size,
                 "device": str(g.device), "precision": g.precision,
-                "sessions": {"streams": streams, "lipsync_jobs": jobs, "max": self.config.max_sessions},
+                "sessions": {"streams": streams, "live": len(live), "viewers": viewers, "lipsync_jobs": jobs,
+                             "max": self.config.max_sessions},
                 "avatars": len(self.store.ids()), "batches": self.generator.queue.stats.as_dict(),
                 "auth": self.config.token is not None}
 

@@ -1,0 +1,184 @@
+"""WebRTC out (aiortc): a viewer of a :class:`lipsync.serve.live.LiveSession` as a peer connection
+with one video track (VP8/H.264 as negotiated) and one audio track (Opus).
+
+Both tracks read the viewer's queues, which the session's clock fills one tick at a time: the video
+frame of tick ``n`` has ``pts = n / fps`` (90 kHz clock), the audio of tick ``n`` is the 16 kHz
+samples of that frame period (the Opus encoder resamples to 48 kHz). Both leave the server as the
+tick happens, so the RTCP sender reports of the two streams map their timestamps to the same wall
+clock and the browser plays them in sync.
+
+aiortc is optional (``pip install -r requirements-webrtc.txt``); :func:`require_aiortc` says so when
+it is missing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import logging
+from typing import List, Optional
+
+import numpy as np
+
+import audio
+from lipsync.serve.live import LiveOptions, LiveSession, Viewer
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK = 90000              # RTP video clock, Hz
+AUDIO_FRAME = audio.SAMPLE_RATE // 50   # samples of one 20 ms audio frame (one Opus packet)
+INSTALL = "pip install -r requirements-webrtc.txt (or: pip install aiortc)"
+
+
+class WebRTCUnavailable(Exception):
+    """aiortc is not installed; the message names the pip command."""
+
+
+def require_aiortc():
+    """The ``aiortc`` module; raises WebRTCUnavailable (naming the pip command) when it is missing."""
+    try:
+        import aiortc
+    except ImportError as exc:
+        raise WebRTCUnavailable(f"WebRTC needs the aiortc package, which is not installed: {INSTALL} "
+                                f"({type(exc).__name__}: {exc})") from None
+    return aiortc
+
+
+def ice_servers(options: LiveOptions) -> List[dict]:
+    """The ``iceServers`` of an RTCConfiguration (the browser's form): one entry per URL, with the
+    username and credential on ``turn:``/``turns:`` ones."""
+    out = []
+    for url in options.ice_servers:
+        entry = {"urls": url}
+        if url.startswith(("turn:", "turns:")) and options.ice_username is not None:
+            entry.update(username=options.ice_username, credential=options.ice_credential or "")
+        out.append(entry)
+    return out
+
+
+def _tracks(viewer: Viewer, fps: float):
+    """The viewer's (video, audio) aiortc tracks."""
+    from aiortc import MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
+    from av import AudioFrame, VideoFrame
+
+    def fresh(q: asyncio.Queue):
+        """On the first read: drop what queued up while the connection was being set up, so both
+        tracks start at the same tick."""
+        while q.qsize() > 1:
+            q.get_nowait()
+
+    class Track(MediaStreamTrack):
+        def __init__(self, kind, q):
+            self.kind = kind
+            super().__init__()
+            self.q = q
+            self.first = True
+
+        async def next_item(self):
+            if self.readyState != "live":
+                raise MediaStreamError
+            if self.first:
+                fresh(self.q)
+                self.first = False
+            return await self.q.get()
+
+    class Video(Track):
+        async def recv(self):
+            tick, frame = await self.next_item()
+            h, w = frame.shape[0] // 2 * 2, frame.shape[1] // 2 * 2   # 4:2:0 chroma needs even sizes
+            out = VideoFrame.from_ndarray(frame[:h, :w], format="bgr24")   # (H, W, 3) uint8 BGR
+            out.pts = round(tick * VIDEO_CLOCK / fps)
+            out.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+            return out
+
+    class Audio(Track):
+        """20 ms frames (aiortc sends one RTP packet timestamp per frame it reads, so a frame must be
+        exactly one Opus packet long), cut from the ticks' samples as they come."""
+
+        def __init__(self, kind, q):
+            super().__init__(kind, q)
+            self.buf = np.zeros(0, np.int16)
+            self.pts: Optional[int] = None      # 16 kHz sample of self.buf[0] on the session's clock
+
+        async def recv(self):
+            while len(self.buf) < AUDIO_FRAME:
+                tick, samples = await self.next_item()
+                if self.pts is None:
+                    self.pts = round(tick * audio.SAMPLE_RATE / fps)
+                self.buf = np.concatenate([self.buf, samples])
+            # stereo, both channels the same: aiortc's encoder upmixes mono with a 3 dB cut
+            pcm = np.repeat(self.buf[:AUDIO_FRAME], 2)[None]                                   # (1, 2 n) int16, L R L R
+            out = AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+            out.sample_rate = audio.SAMPLE_RATE
+            out.pts = self.pts
+            out.time_base = fractions.Fraction(1, audio.SAMPLE_RATE)
+            self.buf, self.pts = self.buf[AUDIO_FRAME:], self.pts + AUDIO_FRAME
+            return out
+
+    return Video("video", viewer.video), Audio("audio", viewer.audio)
+
+
+async def answer(session: LiveSession, sdp: str, kind: str) -> dict:
+    """Answer a viewer's SDP offer for ``session``: ``{"sdp", "type": "answer", "viewer_id"}``.
+
+    Raises WebRTCUnavailable without aiortc, SessionFull beyond the session's viewers, ValueError
+    for an offer aiortc cannot use (not an offer, no audio or video to receive). The viewer is
+    removed when its connection fails or closes, or when it has not connected within
+    ``connect_timeout`` seconds (a peer that vanished).
+    """
+    aiortc = require_aiortc()
+    if kind != "offer":
+        raise ValueError(f"expected an SDP offer (type 'offer'), got type {kind!r}")
+    opts = session.options
+    servers = [aiortc.RTCIceServer(**entry) for entry in ice_servers(opts)]
+    viewer = session.subscribe()
+    pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=servers))
+
+    async def close():
+        session.unsubscribe(viewer)
+        await pc.close()
+
+    viewer.close = close
+
+    @pc.on("connectionstatechange")
+    async def on_state():
+        state = pc.connectionState
+        log.info("live session %s viewer %s: %s", session.sid, viewer.viewer_id, state)
+        if state == "connected":
+            viewer.connected = True
+        elif state in ("failed", "closed"):
+            await close()
+
+    async def give_up():
+        await asyncio.sleep(opts.connect_timeout)
+        if not viewer.connected and viewer.viewer_id in session.viewers:
+            log.info("live session %s viewer %s: not connected after %g s", session.sid, viewer.viewer_id,
+                     opts.connect_timeout)
+            await close()
+
+    try:
+        for track in _tracks(viewer, session.fps):
+            pc.addTrack(track)
+        await pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=sdp, type="offer"))
+        kinds = {t.kind for t in pc.getTransceivers() if t.direction in ("sendonly", "sendrecv")}
+        if not {"audio", "video"} & kinds:
+            raise ValueError("the offer receives neither audio nor video (add recvonly transceivers)")
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception:
+        await close()
+        raise
+    viewer.timer = session.loop.create_task(give_up())   # held: the loop keeps only weak references to tasks
+    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "viewer_id": viewer.viewer_id}
+
+
+async def close_viewer(session: LiveSession, viewer_id: str) -> bool:
+    """Disconnect one viewer; False when the session has no such viewer."""
+    viewer = session.viewers.get(viewer_id)
+    if viewer is None:
+        return False
+    if viewer.close is not None:
+        with contextlib.suppress(Exception):
+            await viewer.close()
+    session.unsubscribe(viewer)
+    return True
