@@ -107,6 +107,30 @@ def test_resume_mid_epoch_trains_what_an_uninterrupted_run_trains(data, tmp_path
         assert torch.allclose(v.float(), parts["state_dict"][k].float(), atol=1e-6), k
 
 
+def test_expert_weight_decay_is_adamw_and_resumes_exactly(data, tmp_path):
+    from hparams import HParamsError
+
+    with pytest.raises(HParamsError, match="syncnet_weight_decay"):
+        get_hparams("tiny", "syncnet_weight_decay=-0.1")
+    extra = "syncnet_eval_interval=100,syncnet_checkpoint_interval=100,syncnet_batch_size=4,syncnet_weight_decay=0.5"
+    assert color_syncnet_train.main(common(data, tmp_path / "whole", 4, extra)) == 0
+    assert color_syncnet_train.main(common(data, tmp_path / "parts", 2, extra)) == 0
+    resume = ["--checkpoint_path", str(tmp_path / "parts" / "checkpoint_step000000002.pth")]
+    assert color_syncnet_train.main(common(data, tmp_path / "parts", 4, extra) + resume) == 0
+    whole = torch.load(tmp_path / "whole" / "checkpoint_step000000004.pth", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "checkpoint_step000000004.pth", weights_only=True)
+    assert whole["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
+    for k, v in whole["state_dict"].items():
+        assert torch.allclose(v.float(), parts["state_dict"][k].float(), atol=1e-6), k
+    # the same steps without decay end elsewhere: the decay reached the weights
+    assert color_syncnet_train.main(common(data, tmp_path / "plain", 4, extra.replace("=0.5", "=0"))) == 0
+    plain = torch.load(tmp_path / "plain" / "checkpoint_step000000004.pth", weights_only=True)
+    assert "weight_decay" not in plain["optimizer"]["param_groups"][0] or \
+        plain["optimizer"]["param_groups"][0]["weight_decay"] == 0
+    assert any(not torch.allclose(v.float(), plain["state_dict"][k].float()) for k, v in whole["state_dict"].items()
+               if v.is_floating_point())
+
+
 def test_cosine_learning_rate_schedule_resumes(data, tmp_path):
     from hparams import HParamsError
     from lipsync.train.training import lr_factor
