@@ -299,7 +299,10 @@ def main(argv=None) -> int:
     from lipsync.train.synthetic_faces import Identity, Renderer, measure_opening
     from lipsync.media.video import iter_frames, probe_video
 
-    test = [line.strip() for line in open(os.path.join(fl, "test.txt")) if line.strip()]
+    def split(name):   # the clips of filelists/<name>.txt
+        return [line.strip() for line in open(os.path.join(fl, name + ".txt")) if line.strip()]
+
+    test = split("test")
     truth_json = os.path.join(raw, test[0] + ".json")
     ident = Identity.from_dict(json.load(open(truth_json))["identity"])
     import audio
@@ -343,7 +346,7 @@ def main(argv=None) -> int:
 
     hp = get_hparams("tiny", hp_over)
     test_dirs = [os.path.join(pre, c) for c in test]
-    val_dirs = [os.path.join(pre, line.strip()) for line in open(os.path.join(fl, "val.txt")) if line.strip()]
+    val_dirs = [os.path.join(pre, c) for c in split("val")]
     # the ROC AUC on every identity no training step or choice saw (validation and test): 7 identities
     # alone gave a number that moved with which faces a seed put there (docs/demo.md)
     expert = expert_scores(expert_ckpt, test_dirs + val_dirs, hp, n=HELDOUT_PAIRS)
