@@ -136,8 +136,7 @@ class FaceFinder:
     """Runs a detector over a stream of frames, on a downscaled copy and (with ``every`` > 1) only on
     keyframes, and follows the face ``settings.target`` chooses (:class:`FaceTracker`; scene cuts
     from :class:`CutDetector` on every frame). Holds at most ``every * batch_size`` downscaled
-    frames. ``tracker.lost``: frames where the chosen face was not found (other faces, or none after
-    it was picked)."""
+    frames."""
 
     def __init__(self, settings: DetectionSettings, device, timer: Optional[Callable[[float], None]] = None):
         self.s = settings

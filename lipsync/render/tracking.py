@@ -124,19 +124,18 @@ class FaceTracker:
     """Follows the face ``target`` picks (see the module) through frames given in order to
     :meth:`step`. ``tracks``: the last :class:`Face` of each face seen since the last cut, with
     whether the last frame had it; ``chosen``: the index of the chosen face's track (None: not yet
-    picked). ``lost``: frames in which the chosen face was not found."""
+    picked)."""
 
     target: str = LARGEST
     tracks: List[Tuple[Face, bool]] = field(default_factory=list)
     chosen: Optional[int] = None
-    lost: int = 0
 
     def __post_init__(self):
         self._largest = target_rule(self.target)[0] == LARGEST  # raises SettingError early
 
     def copy(self) -> "FaceTracker":
         """An independent copy (for looking ahead without moving this one)."""
-        return FaceTracker(self.target, list(self.tracks), self.chosen, self.lost)
+        return FaceTracker(self.target, list(self.tracks), self.chosen)
 
     def step(self, faces: Sequence[Face], cut: bool = False) -> Det:
         """The chosen face's (x1, y1, x2, y2) box in the next frame, whose faces are ``faces``, or None.
@@ -150,7 +149,6 @@ class FaceTracker:
             i = pick(faces, self.target)
             self.chosen = None if i is None else next(t for t, f in matched.items() if f == i)
         if self.chosen is None or self.chosen not in matched:
-            self.lost += bool(self.chosen is not None or faces)
             return None
         return tuple(int(v) for v in faces[matched[self.chosen]].box)
 
