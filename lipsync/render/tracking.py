@@ -3,7 +3,9 @@
 The rule (:func:`parse_target_face`) picks a face on the first frame with faces, and again after
 every scene cut (:class:`CutDetector`):
 
-- ``largest``: the face with the largest box (a frame with one face: that face, as before);
+- ``largest`` (the default): each frame's best face as the detector ranks it, frame by frame, exactly
+  as before this rule existed (lbp: the largest box; S3FD and dlib: the highest score, which on real
+  footage is nearly always the largest face): no tracking, so the published frames stay bit for bit;
 - ``N``: the N-th face from the left (by box centre), 0-based;
 - ``X,Y``: the face whose box contains pixel (X, Y) of the frame (as inference sees it: after
   ``--crop``, ``--resize_factor`` and ``--rotate``), else the one whose box is nearest to it.
@@ -14,9 +16,7 @@ distance over the previous box's width, the centre of the 68 landmarks where the
 them, and a limit on the change of size). A face that vanishes (hidden, out of the frame) is kept
 as a lost track, and a face that reappears near where it was last seen is the same face again,
 unless an other face's track claims that detection first. While the chosen face is lost its frames
-have no box (they pass through unchanged); other faces are never chosen in its place, except with
-``largest``, which takes the largest face of the frame again (so a video with one face gets the
-boxes it got before this rule existed, bit for bit).
+have no box (they pass through unchanged); other faces are never chosen in its place.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from lipsync.core.settings import SettingError
 
 Det = Optional[Tuple[int, int, int, int]]  # (x1, y1, x2, y2) pixels or None
 LARGEST = "largest"
-TARGET_FACE_HELP = ("which face to lip-sync when there are several: largest; N (the N-th face from the left, 0-based, "
+TARGET_FACE_HELP = ("which face to lip-sync when there are several: largest (each frame's best face as the detector "
+                    "ranks it, as before); N (the N-th face from the left, 0-based, "
                     "on the first frame with faces); or X,Y (the face whose box contains, else is nearest to, that "
                     "pixel of the first frame). Followed through the video; picked again after a scene cut")
 MAX_MOVE = 0.6       # a face moves at most this many of its box widths between two detected frames
@@ -86,8 +87,8 @@ def pick(faces: Sequence[Face], target: str) -> Optional[int]:
         return None
     kind, value = target_rule(target)
     boxes = [f.box for f in faces]
-    if kind == LARGEST:  # the first of equal areas: the backend's best
-        return max(range(len(boxes)), key=lambda i: ((boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]), -i))
+    if kind == LARGEST:  # the backend's best (see the module)
+        return 0
     if kind == "index":
         order = sorted(range(len(boxes)), key=lambda i: (boxes[i][0] + boxes[i][2], i))
         return order[value] if value < len(order) else None
@@ -140,11 +141,11 @@ class FaceTracker:
     def step(self, faces: Sequence[Face], cut: bool = False) -> Det:
         """The chosen face's (x1, y1, x2, y2) box in the next frame, whose faces are ``faces``, or None.
         ``cut``: a scene cut comes before this frame (forget every face, pick again)."""
+        if self._largest:
+            return tuple(faces[0].box) if faces else None
         if cut:
             self.tracks, self.chosen = [], None
         matched = self._match(faces)
-        if self.chosen is not None and self.chosen not in matched and self._largest:
-            self.chosen = None  # largest: the largest face of the frame again
         if self.chosen is None:
             i = pick(faces, self.target)
             self.chosen = None if i is None else next(t for t, f in matched.items() if f == i)
