@@ -1,4 +1,4 @@
-"""The two paste masks (``--mask ellipse`` / ``landmarks``) on the real-photograph test videos
+"""The two paste masks (inference.py's ellipse and landmarks masks) on the real-photograph test videos
 (lipsync.train.face_videos): how much of the frame changes outside the mouth, how much of the generated
 mouth comes through, the seam the paste leaves, and the paste's time per face.
 
@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from face_detection import get_detector  # noqa: E402
 from lipsync.render.blending import CpuComposer, cut_crop  # noqa: E402
+from lipsync.core.cli import HelpFormatter  # noqa: E402
 from lipsync.render.cpu import cpu_capabilities  # noqa: E402
 from lipsync.train.face_videos import SCENES, make_video  # noqa: E402
 
@@ -139,8 +140,8 @@ def draw_masks(path: str, side: int = 240) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=12, help="frames per scene video")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--frames", type=int, default=12, help="frames per scene video (default: %(default)s)")
     parser.add_argument("--image", help="also save a PNG of the two masks on a photograph here")
     args = parser.parse_args(argv)
     if args.image:
