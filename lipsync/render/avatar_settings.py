@@ -42,7 +42,7 @@ class AvatarSettings:
                 value = _attribute(self, s.avatar)
                 d[s.name] = list(value) if s.nargs else value
         if detect:
-            d["detector_weights"] = self.detection.identity()[4:]
+            d["detector_weights"] = self.detection.weights()
         return d
 
     @classmethod

@@ -33,6 +33,7 @@ from lipsync.core.errors import Wav2LipError
 
 Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order
 BLEND_MODES = ("feather", "none")
+MASKS = ("ellipse", "landmarks")  # --mask: feather_mask, or landmark_mask on each frame
 
 # The feather ellipse, as fractions of the (square) face crop: centred on the mouth, reaching the
 # crop's sides and bottom with a margin of zeros (so every box edge keeps the frame's pixels) and
@@ -43,6 +44,13 @@ FEATHER_INNER = 0.55           # full weight inside this fraction of the radii
 MIN_GAIN = 0.5                 # the colour gain stays within [MIN_GAIN, 1 / MIN_GAIN]
 ROBUST_SCALE = 12.0            # grey levels: residuals further than this off the plane count less
 COLOUR_FIT_SIZE = 24           # the colour plane is fitted on crops reduced to this many pixels a side
+# the landmark mask: iBUG 300-W jaw points 2..14 (below the cheekbones, round the chin) closed by the
+# bottom of the nose (35..31), falling from 1 inside to exactly 0 on that outline over this share of
+# the box's width
+JAW_POINTS = tuple(range(2, 15))
+NOSE_BOTTOM = (35, 34, 33, 32, 31)
+LANDMARK_FEATHER = 0.08
+MIN_MASK_AREA = 0.05           # a landmark polygon under this share of the box: ellipse instead
 
 
 class BlendError(Wav2LipError, ValueError):
@@ -63,6 +71,25 @@ def feather_mask(size: int) -> np.ndarray:
     return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
 
 
+def landmark_mask(landmarks: np.ndarray, coords: Coords) -> Optional[np.ndarray]:
+    """The weights of one paste drawn by the face's 68 landmarks: (h, w) float32 in [0, 1] over the box
+    ``coords`` ((y1, y2, x1, x2) pixels, h = y2 - y1, w = x2 - x1). The polygon of the jaw (points
+    JAW_POINTS) closed by the bottom of the nose (NOSE_BOTTOM), filled: 1 deeper than
+    LANDMARK_FEATHER * w inside, smoothstep to exactly 0 on its outline and on the box's edges, 0
+    outside. ``landmarks``: (68, 2) float (x, y) frame pixels in iBUG 300-W order. None when the polygon
+    covers less than MIN_MASK_AREA of the box (landmarks that failed)."""
+    y1, y2, x1, x2 = coords
+    h, w = y2 - y1, x2 - x1
+    points = np.asarray(landmarks, np.float32)[list(JAW_POINTS + NOSE_BOTTOM)] - (x1, y1)   # (18, 2) box px
+    inside = np.zeros((h + 2, w + 2), np.uint8)                          # a row of zeros round the box
+    cv2.fillPoly(inside[1:-1, 1:-1], [np.round(points).astype(np.int32)], 1)
+    if inside.sum() < MIN_MASK_AREA * h * w:
+        return None
+    depth = cv2.distanceTransform(inside, cv2.DIST_L2, 3)[1:-1, 1:-1]     # (h, w) px to the outline
+    t = np.clip(depth / max(1.0, LANDMARK_FEATHER * w), 0.0, 1.0)
+    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+
+
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Per column of ``values`` (N, C): the value where the cumulative ``weights`` (N,) reach
     half their total. Returns (C,)."""
@@ -79,12 +106,30 @@ def _plane_design(n: int) -> np.ndarray:
     return np.stack([np.ones(n * n), xs.ravel(), ys.ravel()], axis=1)
 
 
+_DESIGN = _plane_design(COLOUR_FIT_SIZE).astype(np.float32)  # (n*n, 3) rows [1, x, y]
+
+
 def apply_colour(gen, coef, xs, ys):
     """``gen`` (rows, w, C) float grey levels corrected by :meth:`Blender.colour_fit`'s (4, C)
     ``coef`` (gain, offset, x slope, y slope): ``gain * gen + offset + x * bx + y * by``, with ``xs``
     (w,) and ``ys`` (rows,) the pixel centres in -0.5..0.5 across the box. Plain arithmetic, so numpy
     arrays and torch tensors (the GPU paste) go through the same formula."""
     return gen * coef[0] + coef[1] + xs[None, :, None] * coef[2] + ys[:, None, None] * coef[3]
+
+
+def fit_weights(mask: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """What the colour fit of :meth:`Blender.colour_fit` needs from a mask ((h, w) weights in [0, 1]):
+    the feather ring's weights on the COLOUR_FIT_SIZE grid, (n*n,) float32, and the weighted
+    least-squares projector of the plane, (3, n*n) float32, or None where the ring cannot fit a
+    plane (a mask that is all 0 / 1: paste without colour correction)."""
+    n = COLOUR_FIT_SIZE
+    m = cv2.resize(mask, (n, n), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+    ring = (m * (1.0 - m)).astype(np.float32)                              # (n*n,) peaks where m = 1/2
+    design = _DESIGN                                                        # (n*n, 3)
+    if ring.sum() <= 0 or np.linalg.matrix_rank(design * ring[:, None]) < 3:
+        return ring, None
+    aw = design.T * ring                                                    # plane = (A'WA)^-1 A'W residual
+    return ring, np.linalg.solve(aw @ design, aw).astype(np.float32)
 
 
 class Blender:
@@ -110,18 +155,11 @@ class Blender:
         rows = np.nonzero(self.mask.max(axis=1) > 0)[0]
         # rows of the crop the mask touches, as fractions, so a paste only computes those rows
         self._rows = (rows[0] / self.size, (rows[-1] + 1) / self.size) if len(rows) else (0.0, 0.0)
-        # the colour fit's weights (the feather ring) and plane design depend on the mask alone
-        n = COLOUR_FIT_SIZE
-        m = cv2.resize(self.mask, (n, n), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
-        self._ring = (m * (1.0 - m)).astype(np.float32)                    # (n*n,) peaks where m = 1/2
-        self._design = _plane_design(n).astype(np.float32)                 # (n*n, 3)
-        # a mask with no ring (all 0 / 1) gives nothing to fit: paste without colour correction
-        self._fit = self._ring.sum() > 0 and np.linalg.matrix_rank(self._design * self._ring[:, None]) == 3
-        if self._fit:   # plane = projector @ residual: (A'WA)^-1 A'W, (3, n*n)
-            aw = self._design.T * self._ring
-            self._projector = np.linalg.solve(aw @ self._design, aw).astype(np.float32)
+        # the colour fit's weights (the feather ring) and projector depend on the mask alone
+        self._ring, self._projector = fit_weights(self.mask)
+        self._fit = self._projector is not None
 
-    def colour_fit(self, region: np.ndarray, face: np.ndarray) -> np.ndarray:
+    def colour_fit(self, region: np.ndarray, face: np.ndarray, weights=None) -> np.ndarray:
         """The colour correction of one paste, per channel: ``corrected = g * face + a + b * x +
         c * y`` (grey levels; x, y run -0.5..0.5 across the box), matched to ``region`` over the
         feather ring. Returns (4, C) float32 rows ``g, a, b, c``.
@@ -135,28 +173,32 @@ class Blender:
         reaching into the ring does not tilt it.
 
         ``region``: the frame's crop under the box (h, w, C) uint8; ``face``: the generated face
-        (size, size, C) uint8."""
+        (size, size, C) uint8; ``weights``: :func:`fit_weights` of another mask than this Blender's."""
+        ring, projector = (self._ring, self._projector) if weights is None else weights
         n = COLOUR_FIT_SIZE
         o = cv2.resize(region, (n, n), interpolation=cv2.INTER_AREA).reshape(n * n, -1).astype(np.float32)
         f = cv2.resize(face, (n, n), interpolation=cv2.INTER_AREA).reshape(n * n, -1).astype(np.float32)
-        gain = np.clip((_weighted_median(o, self._ring) + 1.0) / (_weighted_median(f, self._ring) + 1.0),
+        gain = np.clip((_weighted_median(o, ring) + 1.0) / (_weighted_median(f, ring) + 1.0),
                        MIN_GAIN, 1.0 / MIN_GAIN)                                # (C,)
         d = o - f * gain                                                        # (n*n, C)
-        plane = self._projector @ d                                             # (3, C)
+        plane = projector @ d                                             # (3, C)
         # one Cauchy reweighting pass: pixels far off the plane (a mouth, a jaw) count less
-        r = d - self._design @ plane                                            # (n*n, C)
+        r = d - _DESIGN @ plane                                            # (n*n, C)
         for c in range(d.shape[1]):
-            w = self._ring / (1.0 + (r[:, c] / ROBUST_SCALE) ** 2)
-            aw = self._design.T * w                                             # (3, n*n)
-            plane[:, c] = np.linalg.solve(aw @ self._design, aw @ d[:, c])
+            w = ring / (1.0 + (r[:, c] / ROBUST_SCALE) ** 2)
+            aw = _DESIGN.T * w                                                  # (3, n*n)
+            plane[:, c] = np.linalg.solve(aw @ _DESIGN, aw @ d[:, c])
         return np.vstack([gain[None], plane]).astype(np.float32)
 
-    def paste(self, frame: np.ndarray, face: np.ndarray, coords: Coords) -> np.ndarray:
+    def paste(self, frame: np.ndarray, face: np.ndarray, coords: Coords, mask: Optional[np.ndarray] = None
+              ) -> np.ndarray:
         """Paste ``face`` into ``frame`` in place and return ``frame``.
 
         ``frame``: (H, W, C) uint8, the source frame (its crop under the box is what the face
         fades into). ``face``: (size, size, C) uint8, the generated face, same channel order.
-        ``coords``: (y1, y2, x1, x2) pixels, the box inside the frame.
+        ``coords``: (y1, y2, x1, x2) pixels, the box inside the frame. ``mask``: this paste's own
+        weights over the box, (y2 - y1, x2 - x1) float32 in [0, 1] (e.g. :func:`landmark_mask`),
+        instead of the Blender's mask resized to the box (feather only).
         """
         y1, y2, x1, x2 = coords
         h, w = y2 - y1, x2 - x1
@@ -164,14 +206,20 @@ class Blender:
         if self.blend == "none":
             frame[y1:y2, x1:x2] = resized
             return frame
-        r1, r2 = int(self._rows[0] * h), min(h, int(np.ceil(self._rows[1] * h)))
+        weights = None
+        if mask is None:
+            r1, r2 = int(self._rows[0] * h), min(h, int(np.ceil(self._rows[1] * h)))
+            m = cv2.resize(self.mask, (w, h))[r1:r2] if r2 > r1 else None   # (rows, w)
+        else:
+            rows = np.nonzero(mask.max(axis=1) > 0)[0]
+            r1, r2 = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+            m, weights = mask[r1:r2], fit_weights(mask)
         if r2 <= r1:
             return frame
         region = frame[y1:y2, x1:x2]                                        # view: written below
-        m = cv2.resize(self.mask, (w, h))[r1:r2]                            # (rows, w)
         gen = resized[r1:r2].astype(np.float32)                             # (rows, w, C)
-        if self._fit:
-            coef = self.colour_fit(region, face)                            # (4, C)
+        if (self._fit if weights is None else weights[1] is not None):
+            coef = self.colour_fit(region, face, weights)                   # (4, C)
             xs = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
             ys = (np.arange(r1, r2, dtype=np.float32) + 0.5) / h - 0.5
             gen = apply_colour(gen, coef, xs, ys)
@@ -214,13 +262,33 @@ class CpuComposer:
     boxes), :meth:`prepared` (an avatar's saved crops into the form :meth:`crops` gives),
     :meth:`paste` (generated faces into frames at their boxes) and :meth:`download` (back to host
     frames). ``on_device`` says whether the generator should hand its faces back as device tensors.
+
+    ``mask``: one of MASKS; ``"landmarks"`` finds dlib's 68 points of each face in its (unpasted)
+    frame and pastes through :func:`landmark_mask` (the ellipse where they fail). Raises
+    :class:`BlendError` for an unknown mode or mask, and face_detection.DetectorError naming
+    ``pip install -r requirements-faces.txt`` when the landmarks' packages are missing.
     """
 
     on_device = False
 
-    def __init__(self, img_size: int, blend: str):
+    def __init__(self, img_size: int, blend: str, mask: str = MASKS[0]):
         self.size = img_size
         self.blender = Blender(blend, img_size)  # raises BlendError for an unknown mode
+        if mask not in MASKS:
+            raise BlendError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
+        self.landmarker = None
+        if mask == "landmarks" and blend != "none":
+            from face_detection import get_landmarker
+
+            self.landmarker = get_landmarker()
+
+    def mask(self, frame: np.ndarray, box: Coords) -> Optional[np.ndarray]:
+        """This paste's weights over ``box`` ((y1, y2, x1, x2)) from the landmarks of ``frame``
+        ((H, W, 3) uint8 BGR, before the paste); None: the Blender's ellipse."""
+        if self.landmarker is None:
+            return None
+        y1, y2, x1, x2 = box
+        return landmark_mask(self.landmarker(frame, (x1, y1, x2, y2)), box)
 
     def upload(self, frames: Sequence[np.ndarray]) -> List[np.ndarray]:
         return list(frames)
@@ -235,7 +303,7 @@ class CpuComposer:
         """Paste (B, S, S, 3) uint8 faces into ``frames`` in place (a None box: frame unchanged)."""
         for frame, face, box in zip(frames, faces, boxes):
             if box is not None:
-                self.blender.paste(frame, face, box)
+                self.blender.paste(frame, face, box, self.mask(frame, box))
         return frames
 
     def download(self, frames: List[np.ndarray]) -> List[np.ndarray]:

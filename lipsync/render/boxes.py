@@ -18,8 +18,9 @@ import numpy as np
 
 import face_detection
 from lipsync.core.fileio import atomic_write
-from face_detection import DEFAULT_S3FD_PATH, box_iou
+from face_detection import DEFAULT_S3FD_PATH, Face, box_iou
 from lipsync.render.settings import DEFAULTS
+from lipsync.render.tracking import LARGEST, CutDetector, FaceTracker
 
 Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order
 Det = Optional[Tuple[int, int, int, int]]  # (x1, y1, x2, y2) or None
@@ -34,8 +35,9 @@ class DetectionSettings:
     side at most 480 px); ``every``: detect on every k-th frame (and the last), interpolate between,
     and detect every frame of a gap whose end boxes overlap less than ``jump_iou`` (a cut, a fast
     move, or a keyframe where a jittery detector is off) or where a face appears or vanishes (how
-    close sparse boxes come: docs/inference.md). ``every=1, scale=1`` (the defaults here) is the
-    published detection; the other defaults are the flags' (:mod:`lipsync.render.settings`)."""
+    close sparse boxes come: docs/inference.md). ``target``: which face (``--target_face``,
+    :mod:`lipsync.render.tracking`). ``every=1, scale=1`` (the defaults here) is the published
+    detection; the other defaults are the flags' (:mod:`lipsync.render.settings`)."""
 
     detector: str = DEFAULTS["face_detector"]
     s3fd_path: Optional[str] = DEFAULTS["s3fd_path"]
@@ -44,6 +46,7 @@ class DetectionSettings:
     every: int = 1
     jump_iou: float = DEFAULTS["det_jump_iou"]
     half: bool = False  # S3FD in fp16 (CUDA)
+    target: str = DEFAULTS["target_face"]
 
     def resolved_scale(self, frame_hw: Tuple[int, int]) -> float:
         if self.scale > 0:
@@ -51,14 +54,19 @@ class DetectionSettings:
         return min(1.0, AUTO_DET_SIDE / max(1, min(frame_hw)))
 
     def identity(self) -> list:
-        """What the boxes depend on (the detector's weights file included), for cache keys and avatars."""
-        parts = [self.detector, self.scale, self.every, self.jump_iou]
-        if self.detector == "sfd":
-            wpath = self.s3fd_path or DEFAULT_S3FD_PATH
-            if os.path.isfile(wpath):
-                st = os.stat(wpath)
-                parts += [os.path.basename(wpath), st.st_size]
+        """What the boxes depend on (the detector's weights file and the chosen face included), for cache
+        keys and avatars."""
+        parts = [self.detector, self.scale, self.every, self.jump_iou] + self.weights()
+        if self.target != LARGEST:  # largest keeps the keys (and cached boxes) of before the rule existed
+            parts.append(("target", self.target))
         return parts
+
+    def weights(self) -> list:
+        """The detector's weights file as [name, size in bytes] (S3FD with its file present), else []."""
+        wpath = self.s3fd_path or DEFAULT_S3FD_PATH
+        if self.detector == "sfd" and os.path.isfile(wpath):
+            return [os.path.basename(wpath), os.stat(wpath).st_size]
+        return []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +134,9 @@ def needs_dense(a: Det, b: Det, jump_iou: float) -> bool:
 
 class FaceFinder:
     """Runs a detector over a stream of frames, on a downscaled copy and (with ``every`` > 1) only on
-    keyframes. Holds at most ``every * batch_size`` downscaled frames."""
+    keyframes, and follows the face ``settings.target`` chooses (:class:`FaceTracker`; scene cuts
+    from :class:`CutDetector` on every frame). Holds at most ``every * batch_size`` downscaled
+    frames."""
 
     def __init__(self, settings: DetectionSettings, device, timer: Optional[Callable[[float], None]] = None):
         self.s = settings
@@ -134,22 +144,29 @@ class FaceFinder:
                                      **({"half": True} if settings.half and settings.detector == "sfd" else {}))
         self.timer = timer
         self.dense_frames = 0  # frames detected one by one between keyframes (cuts, jumps)
+        self.tracker = FaceTracker(settings.target)
+        self.cuts = CutDetector()
 
-    def _detect(self, small: List[np.ndarray], scale: float) -> List[Det]:
+    def _detect(self, small: List[np.ndarray], scale: float) -> List[List[Face]]:
+        """Every face of each downscaled frame, its box (and landmarks) in full-frame pixels."""
         t0 = time.perf_counter()
         found = []
         for k in range(0, len(small), self.s.batch_size):
-            for b in self.detector.detect(small[k:k + self.s.batch_size]):
-                found.append(None if b is None else tuple(int(round(v / scale)) for v in b))
+            for faces in self.detector.detect_all(small[k:k + self.s.batch_size]):
+                found.append([f if scale == 1.0 else
+                              Face(tuple(int(round(v / scale)) for v in f.box), f.score,
+                                   None if f.landmarks is None else f.landmarks / scale) for f in faces])
         if self.timer is not None:
             self.timer(time.perf_counter() - t0)
         return found
 
     def run(self, frames: Iterable[np.ndarray], on_frame: Optional[Callable[[], None]] = None) -> List[Det]:
-        """Raw detections for every frame of ``frames`` (BGR (H, W, 3) uint8), in order."""
+        """Boxes of the chosen face (raw: before pads and smoothing) for every frame of ``frames``
+        (BGR (H, W, 3) uint8), in order; None where it is not found."""
         every = max(1, self.s.every)
         dets: List[Det] = []
         pending: List[np.ndarray] = []  # downscaled frames not yet resolved, from the last keyframe on
+        cuts: List[bool] = []  # whether a scene cut comes before each pending frame
         carried = _UNKNOWN  # detection of pending[0] when it was the previous round's last keyframe
         scale = None
         for frame in frames:
@@ -157,39 +174,42 @@ class FaceFinder:
                 scale = self.s.resolved_scale(frame.shape[:2])
             pending.append(frame if scale == 1.0 else
                            cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+            cuts.append(self.cuts.is_cut(pending[-1]))
             if on_frame is not None:
                 on_frame()
             if len(pending) >= every * self.s.batch_size + 1:
-                resolved = self._resolve(pending, scale, every, carried)
+                resolved = self._resolve(pending, cuts, scale, every, carried)
                 dets.extend(resolved[:-1])
-                pending, carried = pending[-1:], resolved[-1]
+                pending, cuts, carried = pending[-1:], cuts[-1:], resolved[-1]
         if pending:
-            dets.extend(self._resolve(pending, scale, every, carried))
+            dets.extend(self._resolve(pending, cuts, scale, every, carried))
         return dets
 
-    def _resolve(self, frames: List[np.ndarray], scale: float, every: int, first=_UNKNOWN) -> List[Det]:
-        """Detections of ``frames``: ``frames[0]`` (already known when ``first`` is given), every
-        ``every``-th frame after it and the last frame are keyframes; the rest are interpolated."""
+    def _resolve(self, frames: List[np.ndarray], cuts: List[bool], scale: float, every: int,
+                 first=_UNKNOWN) -> List[Det]:
+        """Detections of ``frames``: ``frames[0]`` (already known when ``first`` is given: the tracker
+        has seen it), every ``every``-th frame after it and the last frame are keyframes; the rest are
+        interpolated, or detected one by one (and tracked in order) where the keyframes' boxes jump."""
         keys = list(range(0, len(frames), every))
         if keys[-1] != len(frames) - 1:
             keys.append(len(frames) - 1)
         todo = keys if first is _UNKNOWN else keys[1:]
-        key_dets = dict(zip(todo, self._detect([frames[k] for k in todo], scale)))
-        if first is not _UNKNOWN:
-            key_dets[0] = first
-        out: List[Det] = [key_dets[0]] + [None] * (len(frames) - 1)
+        key_faces = dict(zip(todo, self._detect([frames[k] for k in todo], scale)))
+        out: List[Det] = [None] * len(frames)
+        out[0] = self.tracker.step(key_faces[0], cuts[0]) if first is _UNKNOWN else first
         for a, b in zip(keys, keys[1:]):
-            out[a], out[b] = key_dets[a], key_dets[b]
+            ahead = self.tracker.copy()
+            out[b] = ahead.step(key_faces[b], any(cuts[a + 1:b + 1]))
             inner = list(range(a + 1, b))
-            if not inner:
-                continue
-            if needs_dense(key_dets[a], key_dets[b], self.s.jump_iou):
+            if inner and needs_dense(out[a], out[b], self.s.jump_iou):
                 self.dense_frames += len(inner)
-                for k, d in zip(inner, self._detect([frames[k] for k in inner], scale)):
-                    out[k] = d
+                for k, faces in zip(inner, self._detect([frames[k] for k in inner], scale)):
+                    out[k] = self.tracker.step(faces, cuts[k])
+                out[b] = self.tracker.step(key_faces[b], cuts[b])
             else:
                 for k in inner:
-                    out[k] = interpolate(key_dets[a], key_dets[b], (k - a) / (b - a))
+                    out[k] = interpolate(out[a], out[b], (k - a) / (b - a))
+                self.tracker = ahead
         return out
 
 

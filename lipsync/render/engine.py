@@ -75,12 +75,15 @@ def window_groups(wav: np.ndarray, fps: float, size: int, chunk_seconds: float =
     yield from cut(final=True)
 
 
-def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = None):
+def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = None, mask: str = DEFAULTS["mask"]):
     """The compositor of a render: :class:`lipsync.render.gpu.TorchComposer` on ``device`` when
-    ``on_device`` (None: when ``device`` is CUDA), else :class:`CpuComposer` (OpenCV)."""
+    ``on_device`` (None: when ``device`` is CUDA), else :class:`CpuComposer` (OpenCV), which is also
+    the one for ``mask="landmarks"`` (dlib finds them on the host)."""
     import torch
 
     device = torch.device(device)
+    if mask != "ellipse" and blend != "none":
+        return CpuComposer(img_size, blend, mask)
     if on_device if on_device is not None else device.type == "cuda":
         from lipsync.render.gpu import TorchComposer
 
@@ -90,7 +93,7 @@ def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = 
 
 def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DEFAULTS["loop"],
            blend: str = DEFAULTS["blend"], batch_size: int = DEFAULTS["wav2lip_batch_size"], timings: Optional[Timings] = None, cache_faces: Optional[bool] = None,
-           on_device: Optional[bool] = None) -> Iterator[np.ndarray]:
+           on_device: Optional[bool] = None, mask: str = DEFAULTS["mask"]) -> Iterator[np.ndarray]:
     """Lip-sync ``avatar`` to ``wav`` (16 kHz mono float32): (H, W, 3) uint8 BGR frames in order,
     ``frame_count(wav, avatar.fps)`` of them.
 
@@ -98,7 +101,8 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DE
     micro-batches; frames in flight are bounded by about twice this). ``cache_faces``: keep the
     face features of source frames for reuse (default: when the audio outlasts the avatar's video,
     so frames repeat). ``on_device``: crop, resize and paste on the generator's device
-    (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA). An int8 generator that waits for
+    (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA). ``mask``: the paste's region
+    (``"ellipse"`` or ``"landmarks"``, :class:`CpuComposer`). An int8 generator that waits for
     calibration (``--precision int8``) is calibrated on ``avatar`` and ``wav`` first.
     """
     n_out = frame_count(wav, avatar.fps)
@@ -113,7 +117,7 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DE
     groups = window_groups(wav, avatar.fps, batch_size)
     first = next(groups)  # audio too short for one window fails here, before any frame is made
     groups = itertools.chain([first], groups)
-    composer = composer_for(avatar.img_size, blend, generator.device, on_device)
+    composer = composer_for(avatar.img_size, blend, generator.device, on_device, mask)
     return render_windows(generate_with(generator, as_tensor=composer.on_device), avatar,
                           groups, n_out=n_out, loop=loop, blend=blend, timings=timings,
                           cache_faces=cache_faces, composer=composer)

@@ -83,7 +83,8 @@ class InferenceConfig:
 
 @dataclass
 class InferenceSummary:
-    """What one output took: frames written, frames without a face, and seconds per phase."""
+    """What one output took: frames written, frames without a face (with ``target_face`` other than
+    largest: without the chosen face, passed through unchanged), and seconds per phase."""
 
     outfile: str
     frames: int
@@ -92,6 +93,7 @@ class InferenceSummary:
     detection_cached: bool
     seconds: dict = field(default_factory=dict)
     tuning: str = ""
+    target_face: str = "largest"
 
     def line(self) -> str:
         def rate(phase):
@@ -101,7 +103,8 @@ class InferenceSummary:
         total = self.seconds.get("total", 0.0)
         det = "cached" if self.detection_cached else rate("detect")
         return (f"wrote {self.outfile}: {self.frames} frames ({self.frames / self.fps:.2f} s at {self.fps:g} fps), "
-                f"{self.frames_without_face} without a face | decode {rate('decode')}, detect {det}, "
+                f"{self.frames_without_face} without {'a' if self.target_face == 'largest' else 'the chosen'} face"
+                f" | decode {rate('decode')}, detect {det}, "
                 f"generate {rate('generate')}, blend {rate('blend')}, encode {rate('encode')}"
                 f"{' | ' + self.tuning if self.tuning else ''} | total {total:.1f} s "
                 f"({self.frames / total if total else 0:.1f} fps)")
@@ -127,7 +130,7 @@ def encoder_for(name: str, device=None) -> str:
 def validate(cfg: InferenceConfig) -> None:
     """Flag values that cannot work; raises InferenceError naming the flag."""
     # the other choices are checked where they are used (a --device such as cuda:1 is not a choice)
-    for name in ("blend", "loop", "on_missing_face", "preset"):
+    for name in ("blend", "mask", "loop", "on_missing_face", "preset"):
         value, choices = getattr(cfg, name), SETTINGS[name].choices
         if value not in choices and value != SETTINGS[name].default:
             raise InferenceError(f"--{name} must be {' or '.join(choices)}, got {value!r}")
@@ -145,6 +148,12 @@ def validate(cfg: InferenceConfig) -> None:
         raise InferenceError(f"--det_jump_iou is an IoU, in [0, 1]; got {cfg.det_jump_iou:g}")
     if cfg.face_cache_mb is not None and cfg.face_cache_mb < 0:
         raise InferenceError("--face_cache_mb must be >= 0")
+    if cfg.mask == "landmarks" and cfg.blend == "none":
+        raise InferenceError("--mask landmarks shapes the feathered paste: use it with --blend feather")
+    if cfg.mask == "landmarks":
+        from face_detection.dlib_faces import LANDMARKS_FILE, import_dlib, model_path
+
+        import_dlib(), model_path(LANDMARKS_FILE)  # DetectorError naming requirements-faces.txt, before any work
     if cfg.save_avatar:
         check_save_target(cfg.save_avatar)
     if not (math.isfinite(cfg.fps) and 0 < cfg.fps <= 1000):
@@ -220,7 +229,7 @@ def write_video(generator: Generator, avatar: Avatar, audio_path: str, outfile: 
 
         generator.calibrate(calibration_from_avatar(avatar, wav, audio_name=os.path.basename(audio_path)))
     frames = render(generator, avatar, wav, loop=cfg.loop, blend=cfg.blend, batch_size=cfg.wav2lip_batch_size,
-                    timings=timings)
+                    timings=timings, mask=cfg.mask)
     w, h = avatar.size
     codec = encoder_for(cfg.encoder, generator.device)
     writer = VideoWriter(outfile, w, h, avatar.rate, audio_path=audio_path,
@@ -286,5 +295,6 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
         results.append(InferenceSummary(outfile=outfile, frames=n, fps=avatar.fps,
                                         frames_without_face=count_missing(avatar, n, cfg.loop),
                                         detection_cached=avatar.detection_cached or cfg.avatar is not None,
-                                        seconds=timings.as_dict(), tuning=generator.tuning()))
+                                        seconds=timings.as_dict(), tuning=generator.tuning(),
+                                        target_face=avatar.settings.detection.target))
     return results

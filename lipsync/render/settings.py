@@ -16,7 +16,8 @@ from lipsync.core.cli import DEVICE_HELP, PRECISION_HELP, PRECISIONS, QUIET_HELP
 from lipsync.core.device import DEVICE_CHOICES
 from lipsync.core.settings import Setting, SettingError, by_name
 from lipsync.media.frames import LOOP_MODES
-from lipsync.render.blending import BLEND_MODES
+from lipsync.render.blending import BLEND_MODES, MASKS
+from lipsync.render.tracking import LARGEST, TARGET_FACE_HELP, parse_target_face
 
 DEFAULT_DET_EVERY = 5  # --det_every auto outside parity mode: detect every 5th frame, interpolate, re-detect jumps
 ENCODERS = ("auto", "libx264", "h264_nvenc")
@@ -65,6 +66,8 @@ INFERENCE = [
     Setting("nosmooth", "do not smooth face boxes over 5 frames", False, bool, avatar="nosmooth"),
     Setting("face_detector", BACKENDS_HELP, "sfd", choices=BACKENDS,
             avatar="detection.detector"),
+    Setting("target_face", TARGET_FACE_HELP, LARGEST, parse=parse_target_face, metavar="largest|N|X,Y",
+            avatar="detection.target"),
     Setting("s3fd_path", "S3FD weights (None: face_detection/detection/sfd/s3fd.pth)"),
     Setting("det_scale", "detect on frames scaled by F (0 = auto: full size in parity mode, else shorter side <= "
                          "480 px)", 0.0, float, parse=parse_det_scale, metavar="auto|F", avatar="detection.scale"),
@@ -88,6 +91,9 @@ INFERENCE = [
     Setting("face_cache_mb", "memory for face features reused when the video loops", 512, float),
     Setting("blend", "feather: soft mouth-and-jaw mask with colour matching; none: hard paste as published",
             "feather", choices=BLEND_MODES),
+    Setting("mask", "with --blend feather, the region pasted: ellipse (a fixed soft ellipse over mouth and jaw) or "
+                    "landmarks (the mouth, chin and jaw below the nose as dlib's 68 landmarks draw them on each frame; "
+                    "pip install -r requirements-faces.txt)", "ellipse", choices=MASKS),
     Setting("loop", "how to extend a video shorter than the audio", "repeat", choices=LOOP_MODES),
     Setting("on_missing_face", "a frame without a face: keep it unchanged, or stop", "passthrough",
             choices=MISSING_FACE),

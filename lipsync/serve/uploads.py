@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 from fastapi import Depends, Request
 
 from lipsync.render.settings import SETTINGS
+from lipsync.render.tracking import is_target_face
 from lipsync.serve.state import ApiError, ServerConfig, ServerState, get_state
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 UPLOAD_CHUNK = 1 << 20
 # the inference settings a form may set: what a malformed value must be instead, and a range check
 FORM_FIELDS = {"box": ("four integers 'top bottom left right' (pixels)", None),
-               "fps": ("a number of frames per second in (0, 240]", lambda fps: 0 < fps <= 240)}
+               "fps": ("a number of frames per second in (0, 240]", lambda fps: 0 < fps <= 240),
+               "target_face": ("largest, a face number N (0: the leftmost) or a pixel X,Y", is_target_face)}
 
 
 class _TooLarge(Exception):

@@ -129,7 +129,7 @@ async function refreshAvatars(select) {
 
 async function uploadAvatar() {
   const form = new FormData(ui.uploadForm);
-  for (const name of ["box", "fps"]) {
+  for (const name of ["box", "fps", "target_face"]) {
     if (!String(form.get(name) || "").trim()) form.delete(name);   // empty: the server's default
   }
   if (!form.get("file") || !form.get("file").size) throw new Error("Choose a photo or video to upload first.");
