@@ -52,6 +52,15 @@ def model_path(filename: str) -> str:
     raise DetectorError(f"{filename} not found: it comes with the face-recognition-models package: {PIP_FACES}")
 
 
+def landmarks_available() -> bool:
+    """Whether dlib and its 68-point model are installed (``--mask auto`` then means ``landmarks``)."""
+    try:
+        import_dlib(), model_path(LANDMARKS_FILE)
+    except DetectorError:
+        return False
+    return True
+
+
 def _rgb(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
 

@@ -65,7 +65,7 @@ def test_library_render_equals_cli_composition(env, tmp_path):
     _, via_run = frames_of(cfg, generator=gen)
     avatar = prepare_avatar(env["video"], cfg.avatar_settings(), gen.img_size, progress=False)
     wav = audio.load_wav(WAV, audio.SAMPLE_RATE)
-    via_lib = list(render(gen, avatar, wav, loop="repeat", blend="feather"))
+    via_lib = list(render(gen, avatar, wav, loop="repeat", blend="feather", mask=cfg.mask))  # --mask auto
     assert len(via_lib) == len(via_run) == 83
     assert all(np.array_equal(a, b) for a, b in zip(via_lib, via_run))
 
@@ -351,9 +351,9 @@ def test_sparse_detection_follows_every_frame_detection(tmp_path):
     results = {}
     for name, every in (("dense", 1), ("sparse", 5)):
         finder = FaceFinder(DetectionSettings(detector="lbp", every=every, scale=1.0), "cpu")
-        real = finder.detector.detect
-        finder.detector.detect = lambda fr, real=real, name=name: (calls.__setitem__(name, calls[name] + len(fr)),
-                                                                   real(fr))[1]
+        real = finder.detector.detect_all
+        finder.detector.detect_all = lambda fr, real=real, name=name: (
+            calls.__setitem__(name, calls[name] + len(fr)), real(fr))[1]
         results[name] = finder.run(iter(frames))
     x1, y1, x2, y2 = FaceFinder(DetectionSettings(detector="lbp"), "cpu").run(iter([moving_face_frame(0)]))[0]
     truth = [(x1 + k, y1, x2 + k, y2) if k < 40 else (x1 + 110, y1 + 110, x2 + 110, y2 + 110) for k in range(60)]

@@ -206,3 +206,32 @@ def test_landmark_mask_without_dlib_names_the_pip_command(monkeypatch):
     cfg = InferenceConfig(checkpoint_path=__file__, audio="a.wav", face="f.mp4", mask="landmarks")
     with pytest.raises(DetectorError, match="pip install -r requirements-faces.txt"):
         validate(cfg)
+
+
+def test_mask_auto_is_landmarks_only_where_they_are_installed(monkeypatch):
+    from face_detection import dlib_faces
+    from lipsync.render.blending import resolve_mask
+
+    assert resolve_mask("ellipse", "feather") == "ellipse" and resolve_mask("auto", "none") == "none"
+    assert resolve_mask("auto", "feather") == ("landmarks" if dlib_faces.landmarks_available() else "ellipse")
+    assert (CpuComposer(96, "feather", "auto").landmarker is not None) == dlib_faces.landmarks_available()
+    monkeypatch.setitem(sys.modules, "dlib", None)  # without dlib: the ellipse, and no error
+    assert not dlib_faces.landmarks_available()
+    assert resolve_mask("auto", "feather") == "ellipse"
+    assert CpuComposer(96, "feather", "auto").landmarker is None
+
+
+@needs_models
+def test_inference_summary_names_the_detector_and_the_mask(tmp_path):
+    from lipsync.render.inference import InferenceConfig, run_inference
+    from tests.media import tone_wav
+    from tests.serving import tiny_checkpoint
+
+    path = write_video(tmp_path / "faces.mp4", make_video("two_faces", 6).frames)
+    wav = tone_wav(tmp_path / "a.wav", 0.3)
+    cfg = InferenceConfig(checkpoint_path=tiny_checkpoint(tmp_path / "g.pth"), face=path, audio=str(wav),
+                          outfile=str(tmp_path / "o.mp4"), face_detector="dlib_hog", target_face="1",
+                          det_cache_dir="", progress=False)
+    summary = run_inference(cfg)
+    assert summary.mask == "landmarks" and summary.detector == "dlib_hog face detector"
+    assert "(dlib_hog face detector, mask landmarks)" in summary.line()

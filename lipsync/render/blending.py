@@ -35,6 +35,19 @@ Coords = Tuple[int, int, int, int]  # (y1, y2, x1, x2), the published order
 BLEND_MODES = ("feather", "none")
 MASKS = ("ellipse", "landmarks")  # --mask: feather_mask, or landmark_mask on each frame
 
+
+def resolve_mask(mask: str, blend: str) -> str:
+    """The mask a render uses: ``"auto"`` is ``"landmarks"`` when dlib and its 68-point model are
+    installed (requirements-faces.txt) and ``"ellipse"`` otherwise; ``"none"`` with ``blend="none"``
+    (a hard paste has no mask). Other values are returned as given."""
+    if blend == "none":
+        return "none"
+    if mask == "auto":
+        from face_detection.dlib_faces import landmarks_available
+
+        return "landmarks" if landmarks_available() else "ellipse"
+    return mask
+
 # The feather ellipse, as fractions of the (square) face crop: centred on the mouth, reaching the
 # crop's sides and bottom with a margin of zeros (so every box edge keeps the frame's pixels) and
 # stopping below the eyes (the generator only redraws the lower half).
@@ -274,7 +287,8 @@ class CpuComposer:
     def __init__(self, img_size: int, blend: str, mask: str = MASKS[0]):
         self.size = img_size
         self.blender = Blender(blend, img_size)  # raises BlendError for an unknown mode
-        if mask not in MASKS:
+        mask = resolve_mask(mask, blend)
+        if mask not in MASKS + ("none",):
             raise BlendError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
         self.landmarker = None
         if mask == "landmarks" and blend != "none":

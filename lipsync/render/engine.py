@@ -16,7 +16,7 @@ import numpy as np
 
 import audio
 from lipsync.render.avatar import Avatar
-from lipsync.render.blending import CpuComposer
+from lipsync.render.blending import MASKS, CpuComposer, resolve_mask
 from lipsync.core.errors import Wav2LipError
 from lipsync.render.generator import Generator
 from lipsync.render.settings import DEFAULTS
@@ -75,14 +75,15 @@ def window_groups(wav: np.ndarray, fps: float, size: int, chunk_seconds: float =
     yield from cut(final=True)
 
 
-def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = None, mask: str = DEFAULTS["mask"]):
+def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = None, mask: str = MASKS[0]):
     """The compositor of a render: :class:`lipsync.render.gpu.TorchComposer` on ``device`` when
     ``on_device`` (None: when ``device`` is CUDA), else :class:`CpuComposer` (OpenCV), which is also
-    the one for ``mask="landmarks"`` (dlib finds them on the host)."""
+    the one for ``mask="landmarks"`` (dlib finds them on the host; ``"auto"``: see
+    :func:`lipsync.render.blending.resolve_mask`)."""
     import torch
 
     device = torch.device(device)
-    if mask != "ellipse" and blend != "none":
+    if resolve_mask(mask, blend) == "landmarks":
         return CpuComposer(img_size, blend, mask)
     if on_device if on_device is not None else device.type == "cuda":
         from lipsync.render.gpu import TorchComposer
@@ -93,7 +94,7 @@ def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = 
 
 def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DEFAULTS["loop"],
            blend: str = DEFAULTS["blend"], batch_size: int = DEFAULTS["wav2lip_batch_size"], timings: Optional[Timings] = None, cache_faces: Optional[bool] = None,
-           on_device: Optional[bool] = None, mask: str = DEFAULTS["mask"]) -> Iterator[np.ndarray]:
+           on_device: Optional[bool] = None, mask: str = MASKS[0]) -> Iterator[np.ndarray]:
     """Lip-sync ``avatar`` to ``wav`` (16 kHz mono float32): (H, W, 3) uint8 BGR frames in order,
     ``frame_count(wav, avatar.fps)`` of them.
 
@@ -102,7 +103,8 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DE
     face features of source frames for reuse (default: when the audio outlasts the avatar's video,
     so frames repeat). ``on_device``: crop, resize and paste on the generator's device
     (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA). ``mask``: the paste's region
-    (``"ellipse"`` or ``"landmarks"``, :class:`CpuComposer`). An int8 generator that waits for
+    (``"ellipse"``, the default here and in the server's sessions; ``"landmarks"``
+    (:class:`CpuComposer`); or ``"auto"``, the default of ``inference.py --mask``). An int8 generator that waits for
     calibration (``--precision int8``) is calibrated on ``avatar`` and ``wav`` first.
     """
     n_out = frame_count(wav, avatar.fps)

@@ -23,6 +23,7 @@ import numpy as np
 import audio
 from lipsync.render.avatar import Avatar, check_save_target, load_avatar, prepare_avatar, save_avatar
 from lipsync.render.avatar_settings import AvatarSettings, settings_from_flags
+from lipsync.render.blending import resolve_mask
 from lipsync.render.boxes import DetectionCache
 from lipsync.core.device import resolve_device
 from lipsync.render.streaming import warm_up_mel
@@ -32,7 +33,7 @@ from lipsync.core.settings import settings_dataclass
 from lipsync.render.generator import Generator
 from lipsync.core.pipeline import Timings
 from lipsync.core.progress import progress_bar
-from lipsync.render.settings import ENCODERS, INFERENCE, SETTINGS, is_published, with_preset
+from lipsync.render.settings import ENCODERS, INFERENCE, NO_BOX, SETTINGS, is_published, with_preset
 from lipsync.media.video import VideoWriter
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class InferenceConfig:
 @dataclass
 class InferenceSummary:
     """What one output took: frames written, frames without a face (with ``target_face`` other than
-    largest: without the chosen face, passed through unchanged), and seconds per phase."""
+    largest: without the chosen face, passed through unchanged), and seconds per phase. ``detector``:
+    how the boxes were found (a face detector's name, or ``fixed --box``); ``mask``: the paste's
+    region (``ellipse``, ``landmarks``, or ``none`` for the hard paste)."""
 
     outfile: str
     frames: int
@@ -94,6 +97,8 @@ class InferenceSummary:
     seconds: dict = field(default_factory=dict)
     tuning: str = ""
     target_face: str = "largest"
+    detector: str = ""
+    mask: str = ""
 
     def line(self) -> str:
         def rate(phase):
@@ -104,6 +109,7 @@ class InferenceSummary:
         det = "cached" if self.detection_cached else rate("detect")
         return (f"wrote {self.outfile}: {self.frames} frames ({self.frames / self.fps:.2f} s at {self.fps:g} fps), "
                 f"{self.frames_without_face} without {'a' if self.target_face == 'largest' else 'the chosen'} face"
+                f"{' (' + self.detector + ', mask ' + self.mask + ')' if self.detector else ''}"
                 f" | decode {rate('decode')}, detect {det}, "
                 f"generate {rate('generate')}, blend {rate('blend')}, encode {rate('encode')}"
                 f"{' | ' + self.tuning if self.tuning else ''} | total {total:.1f} s "
@@ -178,6 +184,13 @@ def check_outputs(cfg: InferenceConfig, jobs: Sequence[tuple]) -> None:
         if outfile and os.path.realpath(outfile) in taken:
             raise InferenceError(f"the output {outfile!r} is one of the inputs; writing it would destroy that "
                                  "input: give another --outfile or --outdir")
+
+
+def detector_used(avatar: Avatar) -> str:
+    """How the boxes of ``avatar`` were found: ``"fixed --box"``, or ``"<name> face detector"``."""
+    if tuple(avatar.settings.box) != NO_BOX:
+        return "fixed --box"
+    return f"{avatar.settings.detection.detector} face detector"
 
 
 def load_generator(cfg: InferenceConfig) -> Generator:
@@ -296,5 +309,6 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
                                         frames_without_face=count_missing(avatar, n, cfg.loop),
                                         detection_cached=avatar.detection_cached or cfg.avatar is not None,
                                         seconds=timings.as_dict(), tuning=generator.tuning(),
-                                        target_face=avatar.settings.detection.target))
+                                        target_face=avatar.settings.detection.target,
+                                        detector=detector_used(avatar), mask=resolve_mask(cfg.mask, cfg.blend)))
     return results

@@ -91,9 +91,10 @@ INFERENCE = [
     Setting("face_cache_mb", "memory for face features reused when the video loops", 512, float),
     Setting("blend", "feather: soft mouth-and-jaw mask with colour matching; none: hard paste as published",
             "feather", choices=BLEND_MODES),
-    Setting("mask", "with --blend feather, the region pasted: ellipse (a fixed soft ellipse over mouth and jaw) or "
+    Setting("mask", "with --blend feather, the region pasted: ellipse (a fixed soft ellipse over mouth and jaw), "
                     "landmarks (the mouth, chin and jaw below the nose as dlib's 68 landmarks draw them on each frame; "
-                    "pip install -r requirements-faces.txt)", "ellipse", choices=MASKS),
+                    "pip install -r requirements-faces.txt), or auto: landmarks when they are installed, else ellipse",
+            "auto", choices=("auto",) + MASKS),
     Setting("loop", "how to extend a video shorter than the audio", "repeat", choices=LOOP_MODES),
     Setting("on_missing_face", "a frame without a face: keep it unchanged, or stop", "passthrough",
             choices=MISSING_FACE),
