@@ -131,7 +131,7 @@ class FaceEnhancer:
         self.fidelity = float(fidelity)
         self.forwards = 0  # forward passes run (a batch of up to MAX_BATCH faces each)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers round and clip the result in place
     def restore(self, faces: torch.Tensor) -> torch.Tensor:
         """Restore ``faces``: (B, 3, 512, 512) float BGR grey levels 0..255 on any device. Returns the
         same shape and units on the same device, not rounded; B = 0 is allowed."""
@@ -140,7 +140,9 @@ class FaceEnhancer:
         out = []
         for start in range(0, len(faces), MAX_BATCH):
             x = faces[start:start + MAX_BATCH].to(self.device, torch.float32)
-            x = x.flip(1) / 127.5 - 1.0                                  # (b, 3, 512, 512) RGB in [-1, 1]
+            # (b, 3, 512, 512) RGB in [-1, 1]; contiguous: GFPGAN .view()s a feature map, which fails on the
+            # channels-last layout that permuted host crops would carry through its convolutions
+            x = (x.flip(1) / 127.5 - 1.0).contiguous()
             if self.name == "gfpgan":
                 y = self.model(x, return_rgb=False, randomize_noise=False)[0]
             else:

@@ -300,9 +300,9 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
     warm = threading.Thread(target=warm_up_mel, daemon=True)
     warm.start()
     generator = generator or load_generator(cfg)
+    enhancer = load_face_enhancer(cfg, generator) if jobs else None  # weights of another network: before detection
     prep = Timings()
     avatar = get_avatar(cfg, generator, prep)
-    enhancer = load_face_enhancer(cfg, generator) if jobs else None
     results: List = []
     for audio_path, outfile in jobs:
         timings = Timings(**{k: v for k, v in prep.as_dict().items() if k != "total"}) if not results else Timings()
