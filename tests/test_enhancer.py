@@ -3,7 +3,8 @@ restored face is mixed in only where the paste's weights are above 0, one forwar
 and every way it can be refused says what to do.
 
 No published weights here: each network is built with spandrel's classes, its state dict filled from a
-seeded generator and saved as the releases ship it (``{"params_ema": state_dict}``), once per session.
+seeded generator and saved as the releases ship it (``{"params_ema": state_dict}``; ``save_filled_weights``),
+once per session.
 Each test runs at most two 512 x 512 forwards (about 6 s for GFPGAN, 12 s for CodeFormer on one core).
 """
 import importlib.util
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 from lipsync.render.blending import CpuComposer
-from lipsync.render.enhance import ENHANCE_SIZE, EnhancerError, FaceEnhancer, load_enhancer, read_state_dict
+from lipsync.render.enhance import (ENHANCE_SIZE, WEIGHTS, EnhancerError, FaceEnhancer, load_enhancer, read_state_dict,
+                                    save_filled_weights)
 
 pytest.importorskip("spandrel", reason="pip install -r requirements-faces.txt")
 pytest.importorskip("spandrel_extra_arches", reason="pip install -r requirements-faces.txt")
@@ -25,41 +27,11 @@ HAVE_MODELS = (importlib.util.find_spec("dlib") is not None
 BOX = (40, 200, 60, 196)  # (y1, y2, x1, x2) around the astronaut's face at 256x256 (tests/test_inference.py)
 
 
-def filled_state_dict(model: torch.nn.Module, seed: int) -> dict:
-    """``model``'s state dict with every float tensor drawn from N(0, 0.02^2) by a seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, value in model.state_dict().items():
-        if value.is_floating_point():
-            value = torch.randn(value.shape, generator=gen) * 0.02
-        out[key] = value
-    return out
-
-
-def build_gfpgan():
-    from spandrel.architectures.GFPGAN import GFPGAN
-
-    # GFPGANv1.4's hyperparameters, as spandrel's GFPGANArch.load and GFPGAN's inference script set them
-    return GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
-                  num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
-
-
-def build_codeformer():
-    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
-
-    return CodeFormer()  # the published codeformer.pth's sizes are the class's defaults
-
-
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     """Paths of filled GFPGANv1.4.pth and codeformer.pth in the published layout."""
     d = tmp_path_factory.mktemp("enhancer_weights")
-    paths = {}
-    for name, build, file in (("gfpgan", build_gfpgan, "GFPGANv1.4.pth"), ("codeformer", build_codeformer,
-                                                                             "codeformer.pth")):
-        paths[name] = str(d / file)
-        torch.save({"params_ema": filled_state_dict(build(), seed=len(name))}, paths[name])
-    return paths
+    return {name: save_filled_weights(name, str(d / WEIGHTS[name].file), seed=k) for k, name in enumerate(WEIGHTS)}
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ not used: ``import basicsr`` (1.4.2, 2022, the last release) fails on torchvisio
 removed ``torchvision.transforms.functional_tensor`` (docs/faces.md). The weights are never
 downloaded: the user brings them with ``--enhancer_path``.
 
-Published layouts (GFPGAN v1.3.0 release ``GFPGANv1.4.pth``; CodeFormer v0.1.0 release
-``codeformer.pth``): a dict whose ``params_ema`` holds the network's state dict; 512 x 512 RGB
+Published layouts (``GFPGANv1.4.pth`` of GFPGAN's v1.3.0 release; ``codeformer.pth`` of CodeFormer's
+v0.1.0 release): a dict whose ``params_ema`` holds the network's state dict; 512 x 512 RGB
 input and output, values in [-1, 1].
 """
 from __future__ import annotations
@@ -45,10 +45,12 @@ class EnhancerWeights:
 
 
 WEIGHTS = {
-    "gfpgan": EnhancerWeights("GFPGANv1.4.pth", "the GFPGAN releases on GitHub (TencentARC/GFPGAN, v1.3.0)",
-                              "GFPGAN's code Apache-2.0; see its README for the weights' terms"),
-    "codeformer": EnhancerWeights("codeformer.pth", "the CodeFormer releases on GitHub (sczhou/CodeFormer, v0.1.0)",
-                                  "S-Lab License 1.0: non-commercial use only"),
+    "gfpgan": EnhancerWeights(
+        "GFPGANv1.4.pth", "the GFPGAN releases (https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/"
+        "GFPGANv1.4.pth)", "the GFPGAN repository's Apache-2.0; trained on FFHQ (data set: CC BY-NC-SA 4.0)"),
+    "codeformer": EnhancerWeights(
+        "codeformer.pth", "the CodeFormer releases (https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/"
+        "codeformer.pth)", "S-Lab License 1.0: non-commercial use only"),
 }
 
 
@@ -183,3 +185,29 @@ def load_enhancer(name: str, path: Optional[str], device="cpu", fidelity: float 
                             f"--enhancer {name} needs {want.file} from {want.source}") from None
     return FaceEnhancer(name, descriptor.model, device, fidelity)
 
+
+
+def build_network(name: str) -> torch.nn.Module:
+    """A fresh ``name`` network (``"gfpgan"`` or ``"codeformer"``) with the published weights' sizes,
+    from spandrel's classes: GFPGANv1Clean with GFPGAN v1.4's hyperparameters (those spandrel's
+    GFPGANArch.load uses), CodeFormer with its defaults (codeformer.pth's sizes). Its own random init."""
+    _architecture(name)  # EnhancerError naming the pip command when the package is missing
+    if name == "gfpgan":
+        from spandrel.architectures.GFPGAN import GFPGAN
+
+        return GFPGAN(out_size=ENHANCE_SIZE, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
+                      fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+    return CodeFormer()
+
+
+def save_filled_weights(name: str, path: str, seed: int = 0, std: float = 0.02) -> str:
+    """Write stand-in weights of ``name`` to ``path`` in the published layout (``{"params_ema": state
+    dict}``): every float tensor drawn from N(0, std^2) by a generator seeded with ``seed``. For tests
+    and speed measurements: the network runs as with the real weights, its faces are noise. Returns ``path``."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randn(v.shape, generator=gen) * std if v.is_floating_point() else v)
+             for k, v in build_network(name).state_dict().items()}
+    torch.save({"params_ema": state}, path)
+    return path
