@@ -78,8 +78,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     print(f"CPU: {cpu_capabilities().line()}; torch threads {torch.get_num_threads()}; device {device}")
-    print(f"{args.faces} faces of {BOX[3] - BOX[2]}x{BOX[1] - BOX[0]} px, each restored at {ENHANCE_SIZE}x{ENHANCE_SIZE},"
-          " stand-in weights (speed only)")
+    print(f"{args.faces} faces of {BOX[3] - BOX[2]}x{BOX[1] - BOX[0]} px, each restored at "
+          f"{ENHANCE_SIZE}x{ENHANCE_SIZE}, stand-in weights (speed only)")
     print("| enhancer | network ms/face | enhance step ms/face | load s |")
     print("| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:

@@ -103,7 +103,7 @@ def read_state_dict(path: str) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a weights file we can read"
-        raise EnhancerError(f"--enhancer_path {path!r} is not a PyTorch weights file ({type(exc).__name__}: "
+        raise EnhancerError(f"--enhancer_path {path!r} is not a PyTorch weights file of tensors ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(data, dict):
         raise EnhancerError(f"--enhancer_path {path!r} holds a {type(data).__name__}, not a state dict")
@@ -122,7 +122,7 @@ class FaceEnhancer:
     ``name``: ``"gfpgan"`` or ``"codeformer"``; ``model``: the torch module (eval mode, on ``device``, fp32);
     ``fidelity``: CodeFormer's w in [0, 1] (GFPGAN has none). GFPGAN's StyleGAN decoder runs with the
     noise maps stored in the weights (``randomize_noise=False``), so a face restored twice is the same
-    face: the published script draws new noise on each call, which flickers from frame to frame.
+    face (the published script draws new noise on each call, so the same face can differ between frames).
     fp32 everywhere: spandrel marks both networks as not supporting fp16.
     """
 
@@ -136,7 +136,8 @@ class FaceEnhancer:
     @torch.no_grad()  # not inference_mode: callers round and clip the result in place
     def restore(self, faces: torch.Tensor) -> torch.Tensor:
         """Restore ``faces``: (B, 3, 512, 512) float BGR grey levels 0..255 on any device. Returns the
-        same shape and units on the same device, not rounded; B = 0 is allowed."""
+        same shape and units on the same device, not rounded; B = 0 is allowed. Raises EnhancerError
+        for another shape."""
         if faces.ndim != 4 or tuple(faces.shape[1:]) != (3, ENHANCE_SIZE, ENHANCE_SIZE):
             raise EnhancerError(f"faces must be (B, 3, {ENHANCE_SIZE}, {ENHANCE_SIZE}), got {tuple(faces.shape)}")
         out = []
