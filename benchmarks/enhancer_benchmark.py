@@ -1,4 +1,4 @@
-"""Milliseconds per face of each ``--enhancer`` on this machine, with stand-in weights.
+"""Milliseconds per face of each face restorer of inference.py --enhancer on this machine, with stand-in weights.
 
 Each network is built with spandrel's classes and given weights filled from a seeded generator in the
 published layout (:func:`lipsync.render.enhance.save_filled_weights`; the real GFPGANv1.4.pth and
