@@ -181,6 +181,9 @@ def test_restore_shapes_and_batches(enhancers):
     with pytest.raises(EnhancerError, match="faces must be"):
         enhancer.restore(torch.zeros(1, 3, 256, 256))
     assert isinstance(enhancer, FaceEnhancer) and enhancer.device.type == "cpu"
+    # with --blend none the paste's region, and so the restored one, is the whole box
+    r1, r2, m = CpuComposer(96, "none").blender.weights(10, 12)
+    assert (r1, r2) == (0, 10) and m.shape == (10, 12) and (m == 1).all()
 
 
 # ---- the command line ---------------------------------------------------------------------------------

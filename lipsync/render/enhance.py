@@ -31,7 +31,7 @@ from lipsync.core.errors import Wav2LipError
 ENHANCERS = ("none", "gfpgan", "codeformer")
 ENHANCE_SIZE = 512           # both networks' input and output side, pixels
 DEFAULT_FIDELITY = 0.5       # CodeFormer's w (its own script's default): 0 = most restoration, 1 = most fidelity
-MAX_BATCH = 8                # faces per forward: 512 x 512 activations of 8 faces fit a few GB of GPU memory
+MAX_BATCH = 8                # faces per forward: bounds the 512 x 512 activations held at once (not measured on a GPU)
 INSTALL = "pip install -r requirements-faces.txt"
 
 
