@@ -141,7 +141,6 @@ class TorchComposer:
         m = resize(self.mask[None], h, w)                                               # (1, h, w)
         frame[:, y1:y2, x1:x2] = m * gen + (1 - m) * region
 
-
     def enhance(self, frames: List[torch.Tensor], boxes: Sequence[Optional[Coords]], masks=None
                 ) -> List[torch.Tensor]:
         """Restore the pasted faces of device frames in place, as
