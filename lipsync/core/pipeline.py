@@ -131,6 +131,7 @@ class Timings:
     crop: float = 0.0
     generate: float = 0.0
     blend: float = 0.0
+    enhance: float = 0.0
     encode: float = 0.0
     total: float = 0.0
 
@@ -146,4 +147,4 @@ class Timings:
             self.add(phase, time.perf_counter() - t0)
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("decode", "detect", "crop", "generate", "blend", "encode", "total")}
+        return {k: getattr(self, k) for k in ("decode", "detect", "crop", "generate", "blend", "enhance", "encode", "total")}

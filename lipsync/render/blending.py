@@ -203,6 +203,20 @@ class Blender:
             plane[:, c] = np.linalg.solve(aw @ _DESIGN, aw @ d[:, c])
         return np.vstack([gain[None], plane]).astype(np.float32)
 
+    def weights(self, h: int, w: int, mask: Optional[np.ndarray] = None) -> Tuple[int, int, Optional[np.ndarray]]:
+        """What a paste into an ``h`` x ``w`` box mixes: rows ``r1:r2`` of the box and their weights
+        ``m``, (r2 - r1, w) float32 in [0, 1] (None when r2 <= r1). Every pixel of the box outside those
+        rows keeps the frame's value. ``mask``: this paste's own (h, w) weights (see :meth:`paste`);
+        None: the Blender's mask resized to the box. ``blend="none"``: the whole box, weight 1."""
+        if self.blend == "none":
+            return 0, h, np.ones((h, w), np.float32)
+        if mask is None:
+            r1, r2 = int(self._rows[0] * h), min(h, int(np.ceil(self._rows[1] * h)))
+            return r1, r2, (cv2.resize(self.mask, (w, h))[r1:r2] if r2 > r1 else None)   # (rows, w)
+        rows = np.nonzero(mask.max(axis=1) > 0)[0]
+        r1, r2 = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        return r1, r2, (mask[r1:r2] if r2 > r1 else None)
+
     def paste(self, frame: np.ndarray, face: np.ndarray, coords: Coords, mask: Optional[np.ndarray] = None
               ) -> np.ndarray:
         """Paste ``face`` into ``frame`` in place and return ``frame``.
@@ -219,14 +233,8 @@ class Blender:
         if self.blend == "none":
             frame[y1:y2, x1:x2] = resized
             return frame
-        weights = None
-        if mask is None:
-            r1, r2 = int(self._rows[0] * h), min(h, int(np.ceil(self._rows[1] * h)))
-            m = cv2.resize(self.mask, (w, h))[r1:r2] if r2 > r1 else None   # (rows, w)
-        else:
-            rows = np.nonzero(mask.max(axis=1) > 0)[0]
-            r1, r2 = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-            m, weights = mask[r1:r2], fit_weights(mask)
+        r1, r2, m = self.weights(h, w, mask)
+        weights = None if mask is None else fit_weights(mask)
         if r2 <= r1:
             return frame
         region = frame[y1:y2, x1:x2]                                        # view: written below
@@ -269,23 +277,27 @@ def cut_crop(frame: np.ndarray, coords: Coords, img_size: int) -> np.ndarray:
 class CpuComposer:
     """The engine's compositor on the host, one frame at a time with OpenCV (:class:`Blender`).
 
-    A compositor has five steps, which :class:`lipsync.render.gpu.TorchComposer` implements on the
+    A compositor has seven steps, which :class:`lipsync.render.gpu.TorchComposer` implements on the
     generator's device with the same signatures: :meth:`upload` (decoded (H, W, 3) uint8 BGR frames
     into the compositor's form), :meth:`crops` ((B, S, S, 3) uint8 faces cut at (y1, y2, x1, x2)
     boxes), :meth:`prepared` (an avatar's saved crops into the form :meth:`crops` gives),
-    :meth:`paste` (generated faces into frames at their boxes) and :meth:`download` (back to host
-    frames). ``on_device`` says whether the generator should hand its faces back as device tensors.
+    :meth:`masks` (each paste's own weights, from the unpasted frames), :meth:`paste` (generated
+    faces into frames at their boxes), :meth:`enhance` (with an ``enhancer``: the pasted boxes
+    restored and mixed in through the same weights) and :meth:`download` (back to host frames).
+    ``on_device`` says whether the generator should hand its faces back as device tensors.
 
     ``mask``: one of MASKS; ``"landmarks"`` finds dlib's 68 points of each face in its (unpasted)
-    frame and pastes through :func:`landmark_mask` (the ellipse where they fail). Raises
-    :class:`BlendError` for an unknown mode or mask, and face_detection.DetectorError naming
-    ``pip install -r requirements-faces.txt`` when the landmarks' packages are missing.
+    frame and pastes through :func:`landmark_mask` (the ellipse where they fail). ``enhancer``: a
+    :class:`lipsync.render.enhance.FaceEnhancer` or None. Raises :class:`BlendError` for an unknown
+    mode or mask, and face_detection.DetectorError naming ``pip install -r requirements-faces.txt``
+    when the landmarks' packages are missing.
     """
 
     on_device = False
 
-    def __init__(self, img_size: int, blend: str, mask: str = MASKS[0]):
+    def __init__(self, img_size: int, blend: str, mask: str = MASKS[0], enhancer=None):
         self.size = img_size
+        self.enhancer = enhancer
         self.blender = Blender(blend, img_size)  # raises BlendError for an unknown mode
         mask = resolve_mask(mask, blend)
         if mask not in MASKS + ("none",):
@@ -313,11 +325,47 @@ class CpuComposer:
     def prepared(self, crops: np.ndarray) -> np.ndarray:
         return crops
 
-    def paste(self, frames: List[np.ndarray], faces, boxes: Sequence[Optional[Coords]]) -> List[np.ndarray]:
-        """Paste (B, S, S, 3) uint8 faces into ``frames`` in place (a None box: frame unchanged)."""
-        for frame, face, box in zip(frames, faces, boxes):
+    def masks(self, frames: Sequence[np.ndarray], boxes: Sequence[Optional[Coords]]) -> List[Optional[np.ndarray]]:
+        """:meth:`mask` of each frame and box (None for a None box), before the paste changes the frames."""
+        return [None if box is None else self.mask(frame, box) for frame, box in zip(frames, boxes)]
+
+    def paste(self, frames: List[np.ndarray], faces, boxes: Sequence[Optional[Coords]],
+              masks: Optional[Sequence[Optional[np.ndarray]]] = None) -> List[np.ndarray]:
+        """Paste (B, S, S, 3) uint8 faces into ``frames`` in place (a None box: frame unchanged).
+        ``masks``: :meth:`masks` of these frames (None: found here)."""
+        masks = self.masks(frames, boxes) if masks is None else masks
+        for frame, face, box, mask in zip(frames, faces, boxes, masks):
             if box is not None:
-                self.blender.paste(frame, face, box, self.mask(frame, box))
+                self.blender.paste(frame, face, box, mask)
+        return frames
+
+    def enhance(self, frames: List[np.ndarray], boxes: Sequence[Optional[Coords]],
+                masks: Sequence[Optional[np.ndarray]]) -> List[np.ndarray]:
+        """Restore the pasted faces in place: each box of ``frames`` (already pasted) resized to
+        512 x 512, restored by ``self.enhancer`` (all of them in one call, MAX_BATCH faces per
+        forward), resized back and mixed in through the weights of the paste (``masks``, as given to
+        :meth:`paste`; :meth:`Blender.weights`), so a pixel the paste kept is kept. A None box, or no
+        enhancer: unchanged."""
+        todo = [(frame, box, mask) for frame, box, mask in zip(frames, boxes, masks) if box is not None]
+        if self.enhancer is None or not todo:
+            return frames
+        from lipsync.render.enhance import ENHANCE_SIZE
+
+        def resize(img, w, h):
+            shrink = w < img.shape[1] or h < img.shape[0]
+            return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+        crops = np.stack([resize(frame[y1:y2, x1:x2], ENHANCE_SIZE, ENHANCE_SIZE)
+                          for frame, (y1, y2, x1, x2), _ in todo])                  # (P, 512, 512, 3)
+        restored = self.enhancer.restore_crops(crops)                                 # (P, 512, 512, 3)
+        for (frame, (y1, y2, x1, x2), mask), face in zip(todo, restored):
+            h, w = y2 - y1, x2 - x1
+            r1, r2, m = self.blender.weights(h, w, mask)
+            if m is None:
+                continue
+            back = resize(face, w, h)[r1:r2]                                          # (rows, w, 3)
+            region = frame[y1:y2, x1:x2]                                              # view: written below
+            region[r1:r2] = cv2.blendLinear(back, region[r1:r2], m, 1.0 - m)
         return frames
 
     def download(self, frames: List[np.ndarray]) -> List[np.ndarray]:

@@ -75,26 +75,28 @@ def window_groups(wav: np.ndarray, fps: float, size: int, chunk_seconds: float =
     yield from cut(final=True)
 
 
-def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = None, mask: str = MASKS[0]):
+def composer_for(img_size: int, blend: str, device, on_device: Optional[bool] = None, mask: str = MASKS[0],
+                 enhancer=None):
     """The compositor of a render: :class:`lipsync.render.gpu.TorchComposer` on ``device`` when
     ``on_device`` (None: when ``device`` is CUDA), else :class:`CpuComposer` (OpenCV), which is also
     the one for ``mask="landmarks"`` (dlib finds them on the host; ``"auto"``: see
-    :func:`lipsync.render.blending.resolve_mask`)."""
+    :func:`lipsync.render.blending.resolve_mask`). ``enhancer``: a
+    :class:`lipsync.render.enhance.FaceEnhancer` that restores the pasted faces, or None."""
     import torch
 
     device = torch.device(device)
     if resolve_mask(mask, blend) == "landmarks":
-        return CpuComposer(img_size, blend, mask)
+        return CpuComposer(img_size, blend, mask, enhancer=enhancer)
     if on_device if on_device is not None else device.type == "cuda":
         from lipsync.render.gpu import TorchComposer
 
-        return TorchComposer(img_size, blend, device)
-    return CpuComposer(img_size, blend)
+        return TorchComposer(img_size, blend, device, enhancer=enhancer)
+    return CpuComposer(img_size, blend, enhancer=enhancer)
 
 
 def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DEFAULTS["loop"],
            blend: str = DEFAULTS["blend"], batch_size: int = DEFAULTS["wav2lip_batch_size"], timings: Optional[Timings] = None, cache_faces: Optional[bool] = None,
-           on_device: Optional[bool] = None, mask: str = MASKS[0]) -> Iterator[np.ndarray]:
+           on_device: Optional[bool] = None, mask: str = MASKS[0], enhancer=None) -> Iterator[np.ndarray]:
     """Lip-sync ``avatar`` to ``wav`` (16 kHz mono float32): (H, W, 3) uint8 BGR frames in order,
     ``frame_count(wav, avatar.fps)`` of them.
 
@@ -104,7 +106,9 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DE
     so frames repeat). ``on_device``: crop, resize and paste on the generator's device
     (:class:`lipsync.render.gpu.TorchComposer`; default: on CUDA). ``mask``: the paste's region
     (``"ellipse"``, the default here and in the server's sessions; ``"landmarks"``
-    (:class:`CpuComposer`); or ``"auto"``, the default of ``inference.py --mask``). An int8 generator that waits for
+    (:class:`CpuComposer`); or ``"auto"``, the default of ``inference.py --mask``). ``enhancer``: a
+    :class:`lipsync.render.enhance.FaceEnhancer` that restores each pasted face through the paste's
+    weights (timed as ``enhance``), or None. An int8 generator that waits for
     calibration (``--precision int8``) is calibrated on ``avatar`` and ``wav`` first.
     """
     n_out = frame_count(wav, avatar.fps)
@@ -119,7 +123,7 @@ def render(generator: Generator, avatar: Avatar, wav: np.ndarray, loop: str = DE
     groups = window_groups(wav, avatar.fps, batch_size)
     first = next(groups)  # audio too short for one window fails here, before any frame is made
     groups = itertools.chain([first], groups)
-    composer = composer_for(avatar.img_size, blend, generator.device, on_device, mask)
+    composer = composer_for(avatar.img_size, blend, generator.device, on_device, mask, enhancer)
     return render_windows(generate_with(generator, as_tensor=composer.on_device), avatar,
                           groups, n_out=n_out, loop=loop, blend=blend, timings=timings,
                           cache_faces=cache_faces, composer=composer)
@@ -135,7 +139,7 @@ def render_windows(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.nda
     ``n_out``: the total when known (None: as many as the groups bring). ``composer``: where crops
     and pastes happen, :class:`lipsync.render.blending.CpuComposer` (the default: OpenCV, frame by
     frame) or :class:`lipsync.render.gpu.TorchComposer` (whole groups on the device; ``generate``
-    then returns faces as a device tensor).
+    then returns faces as a device tensor); its ``enhancer``, when set, restores the pasted faces.
     """
     timings = timings or Timings()
     composer = composer if composer is not None else CpuComposer(avatar.img_size, blend)
@@ -144,9 +148,15 @@ def render_windows(generate: GenerateFn, avatar: Avatar, groups: Iterable[np.nda
         produced = _generated_groups(generate, avatar, groups, decoded, timings, cache_faces, composer)
         with prefetch(produced, ahead, "generate") as ready:
             for group, idx, boxes, faces in ready:
+                if idx:
+                    pasted, at = [group[k] for k in idx], [boxes[k] for k in idx]
+                    with timings.measure("blend"):
+                        masks = composer.masks(pasted, at)  # of the unpasted frames; the enhancer uses them too
+                        composer.paste(pasted, faces, at, masks)
+                    if composer.enhancer is not None:
+                        with timings.measure("enhance"):
+                            composer.enhance(pasted, at, masks)
                 with timings.measure("blend"):
-                    if idx:
-                        composer.paste([group[k] for k in idx], faces, [boxes[k] for k in idx])
                     out = composer.download(group)
                 yield from out
 

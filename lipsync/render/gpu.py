@@ -33,16 +33,24 @@ def area(img: torch.Tensor, n: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(img[None], (n, n))[0]
 
 
+def to_size(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(C, H, W) float -> (C, h, w): bilinear when growing, antialiased (as cv2.INTER_AREA) when shrinking."""
+    shrink = h < img.shape[-2] or w < img.shape[-1]
+    return F.interpolate(img[None], size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)[0]
+
+
 class TorchComposer:
     """Batched crop / paste for the engine on ``device``, equivalent to :class:`Blender` and the
     published crop up to rounding (within a few grey levels; tests bound it). The compositor
-    interface of :class:`lipsync.render.blending.CpuComposer`, on the device."""
+    interface of :class:`lipsync.render.blending.CpuComposer`, on the device. ``enhancer``: a
+    :class:`lipsync.render.enhance.FaceEnhancer` (best on the same device) or None."""
 
     on_device = True
 
-    def __init__(self, img_size: int, blend: str, device: torch.device):
+    def __init__(self, img_size: int, blend: str, device: torch.device, enhancer=None):
         self.size = img_size
         self.blend = blend
+        self.enhancer = enhancer
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -92,9 +100,14 @@ class TorchComposer:
         """An avatar's saved (B, S, S, 3) uint8 crops, on the device."""
         return torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
 
-    def paste(self, frames: List[torch.Tensor], faces: torch.Tensor, boxes: Sequence[Optional[Coords]]
-              ) -> List[torch.Tensor]:
-        """Paste (B, S, S, 3) uint8 faces into device frames at ``boxes`` (None: frame unchanged)."""
+    def masks(self, frames: List[torch.Tensor], boxes: Sequence[Optional[Coords]]) -> List[None]:
+        """No paste has its own weights here (the Blender's ellipse for all): one None per box."""
+        return [None] * len(boxes)
+
+    def paste(self, frames: List[torch.Tensor], faces: torch.Tensor, boxes: Sequence[Optional[Coords]],
+              masks=None) -> List[torch.Tensor]:
+        """Paste (B, S, S, 3) uint8 faces into device frames at ``boxes`` (None: frame unchanged).
+        ``masks``: :meth:`masks`' Nones (the interface's; the ellipse is used)."""
         faces = faces.to(self.device).permute(0, 3, 1, 2).float()                      # (B, 3, S, S)
         todo = [(frame, face, box) for frame, face, box in zip(frames, faces, boxes) if box is not None]
         coefs = self._colour_fits(todo) if self.fit else [None] * len(todo)
@@ -128,3 +141,27 @@ class TorchComposer:
         m = resize(self.mask[None], h, w)                                               # (1, h, w)
         frame[:, y1:y2, x1:x2] = m * gen + (1 - m) * region
 
+    def enhance(self, frames: List[torch.Tensor], boxes: Sequence[Optional[Coords]], masks=None
+                ) -> List[torch.Tensor]:
+        """Restore the pasted faces of device frames in place, as
+        :meth:`lipsync.render.blending.CpuComposer.enhance` does on the host: each box resized to
+        512 x 512, restored in one call (MAX_BATCH faces per forward, on the enhancer's device),
+        resized back and mixed in through the paste's weights (the ellipse; the whole box with
+        ``blend="none"``), so where those are 0 the frame is unchanged."""
+        todo = [(frame, box) for frame, box in zip(frames, boxes) if box is not None]
+        if self.enhancer is None or not todo:
+            return frames
+        from lipsync.render.enhance import ENHANCE_SIZE
+
+        e = ENHANCE_SIZE
+        crops = torch.stack([to_size(frame[:, y1:y2, x1:x2], e, e) for frame, (y1, y2, x1, x2) in todo])
+        restored = self.enhancer.restore(crops.round_().clamp_(0, 255))               # (P, 3, 512, 512)
+        for (frame, (y1, y2, x1, x2)), face in zip(todo, restored):
+            h, w = y2 - y1, x2 - x1
+            back = to_size(face.to(self.device), h, w).round_().clamp_(0, 255)          # (3, h, w)
+            if self.blend == "none":
+                frame[:, y1:y2, x1:x2] = back
+                continue
+            m = resize(self.mask[None], h, w)                                            # (1, h, w)
+            frame[:, y1:y2, x1:x2] = m * back + (1 - m) * frame[:, y1:y2, x1:x2]
+        return frames

@@ -111,7 +111,8 @@ class InferenceSummary:
                 f"{self.frames_without_face} without {'a' if self.target_face == 'largest' else 'the chosen'} face"
                 f"{' (' + self.detector + ', mask ' + self.mask + ')' if self.detector else ''}"
                 f" | decode {rate('decode')}, detect {det}, "
-                f"generate {rate('generate')}, blend {rate('blend')}, encode {rate('encode')}"
+                f"generate {rate('generate')}, blend {rate('blend')}, "
+                f"{'enhance ' + rate('enhance') + ', ' if self.seconds.get('enhance') else ''}encode {rate('encode')}"
                 f"{' | ' + self.tuning if self.tuning else ''} | total {total:.1f} s "
                 f"({self.frames / total if total else 0:.1f} fps)")
 
@@ -136,7 +137,7 @@ def encoder_for(name: str, device=None) -> str:
 def validate(cfg: InferenceConfig) -> None:
     """Flag values that cannot work; raises InferenceError naming the flag."""
     # the other choices are checked where they are used (a --device such as cuda:1 is not a choice)
-    for name in ("blend", "mask", "loop", "on_missing_face", "preset"):
+    for name in ("blend", "mask", "enhancer", "loop", "on_missing_face", "preset"):
         value, choices = getattr(cfg, name), SETTINGS[name].choices
         if value not in choices and value != SETTINGS[name].default:
             raise InferenceError(f"--{name} must be {' or '.join(choices)}, got {value!r}")
@@ -160,6 +161,13 @@ def validate(cfg: InferenceConfig) -> None:
         from face_detection.dlib_faces import LANDMARKS_FILE, import_dlib, model_path
 
         import_dlib(), model_path(LANDMARKS_FILE)  # DetectorError naming requirements-faces.txt, before any work
+    if cfg.enhancer != "none" and cfg.preset == "published":
+        raise InferenceError("--preset published makes the published script's frames; --enhancer changes them: "
+                             "leave out one of the two")
+    if cfg.enhancer != "none" and cfg.audio:  # only preparing an avatar (--save_avatar alone) restores nothing
+        from lipsync.render.enhance import check_enhancer
+
+        check_enhancer(cfg.enhancer, cfg.enhancer_path, cfg.enhancer_weight)  # package, weights: before any work
     if cfg.save_avatar:
         check_save_target(cfg.save_avatar)
     if not (math.isfinite(cfg.fps) and 0 < cfg.fps <= 1000):
@@ -228,9 +236,23 @@ def get_avatar(cfg: InferenceConfig, generator: Generator, timings: Timings) -> 
     return avatar
 
 
+def load_face_enhancer(cfg: InferenceConfig, generator: Generator):
+    """The ``--enhancer`` of ``cfg`` (None for ``none``) on the device the render uses: the generator's,
+    or, for a generator that runs in ONNX Runtime on the CPU, ``--device`` resolved (a GPU when there is
+    one). Raises EnhancerError (missing package, weights missing or of another network)."""
+    from lipsync.render.enhance import load_enhancer
+
+    if cfg.enhancer == "none":
+        return None
+    device = generator.device if generator.device.type != "cpu" else resolve_device(cfg.device)
+    return load_enhancer(cfg.enhancer, cfg.enhancer_path, device, cfg.enhancer_weight)
+
+
 def write_video(generator: Generator, avatar: Avatar, audio_path: str, outfile: str, cfg: InferenceConfig,
-                timings: Timings, frame_sink: Optional[Callable[[int, np.ndarray], None]] = None) -> int:
-    """Render ``avatar`` speaking ``audio_path`` into ``outfile`` (atomic); returns the frame count."""
+                timings: Timings, frame_sink: Optional[Callable[[int, np.ndarray], None]] = None,
+                enhancer=None) -> int:
+    """Render ``avatar`` speaking ``audio_path`` into ``outfile`` (atomic); returns the frame count.
+    ``enhancer``: :func:`load_face_enhancer`'s, or None."""
     if not os.path.isfile(audio_path):
         raise InferenceError(f"--audio file not found: {audio_path!r}")
     t0 = time.perf_counter()
@@ -242,7 +264,7 @@ def write_video(generator: Generator, avatar: Avatar, audio_path: str, outfile: 
 
         generator.calibrate(calibration_from_avatar(avatar, wav, audio_name=os.path.basename(audio_path)))
     frames = render(generator, avatar, wav, loop=cfg.loop, blend=cfg.blend, batch_size=cfg.wav2lip_batch_size,
-                    timings=timings, mask=cfg.mask)
+                    timings=timings, mask=cfg.mask, enhancer=enhancer)
     w, h = avatar.size
     codec = encoder_for(cfg.encoder, generator.device)
     writer = VideoWriter(outfile, w, h, avatar.rate, audio_path=audio_path,
@@ -291,6 +313,7 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
     warm = threading.Thread(target=warm_up_mel, daemon=True)
     warm.start()
     generator = generator or load_generator(cfg)
+    enhancer = load_face_enhancer(cfg, generator) if jobs else None  # weights of another network: before detection
     prep = Timings()
     avatar = get_avatar(cfg, generator, prep)
     results: List = []
@@ -298,7 +321,7 @@ def run_many(cfg: InferenceConfig, jobs: Sequence[tuple], frame_sink=None, gener
         timings = Timings(**{k: v for k, v in prep.as_dict().items() if k != "total"}) if not results else Timings()
         t0 = time.perf_counter() if results else t_start
         try:
-            n = write_video(generator, avatar, audio_path, outfile, cfg, timings, frame_sink)
+            n = write_video(generator, avatar, audio_path, outfile, cfg, timings, frame_sink, enhancer)
         except (Wav2LipError, OSError) as exc:
             if not keep_going:
                 raise

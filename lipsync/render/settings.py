@@ -17,6 +17,7 @@ from lipsync.core.device import DEVICE_CHOICES
 from lipsync.core.settings import Setting, SettingError, by_name
 from lipsync.media.frames import LOOP_MODES
 from lipsync.render.blending import BLEND_MODES, MASKS
+from lipsync.render.enhance import DEFAULT_FIDELITY, ENHANCERS
 from lipsync.render.tracking import LARGEST, TARGET_FACE_HELP, parse_target_face
 
 DEFAULT_DET_EVERY = 5  # --det_every auto outside parity mode: detect every 5th frame, interpolate, re-detect jumps
@@ -95,6 +96,13 @@ INFERENCE = [
                     "landmarks (the mouth, chin and jaw below the nose as dlib's 68 landmarks draw them on each frame; "
                     "pip install -r requirements-faces.txt), or auto: landmarks when they are installed, else ellipse",
             "auto", choices=("auto",) + MASKS),
+    Setting("enhancer", "restore the pasted face: the padded box at 512x512 through GFPGAN v1.4 or CodeFormer, mixed "
+                        "in through the paste's mask (--enhancer_path: your GFPGANv1.4.pth or codeformer.pth; "
+                        "pip install -r requirements-faces.txt; docs/faces.md)", "none", choices=ENHANCERS),
+    Setting("enhancer_path", "with --enhancer: the published weights file (GFPGANv1.4.pth or codeformer.pth; never "
+                             "downloaded)", metavar="FILE"),
+    Setting("enhancer_weight", "with --enhancer codeformer: its fidelity w, 0 (most restoration) to 1 (closest to the "
+                               "input, the generated mouth kept best)", DEFAULT_FIDELITY, float, metavar="W"),
     Setting("loop", "how to extend a video shorter than the audio", "repeat", choices=LOOP_MODES),
     Setting("on_missing_face", "a frame without a face: keep it unchanged, or stop", "passthrough",
             choices=MISSING_FACE),
