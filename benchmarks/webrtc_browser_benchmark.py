@@ -1,6 +1,6 @@
 """A live session as a browser plays it: speak-to-lip-sync latency and the A/V offset, in headless Chromium.
 
-    python benchmarks/webrtc_browser_benchmark.py                  # tiny generator, 5 repeats
+    python benchmarks/webrtc_browser_benchmark.py                  # tiny generator, 10 repeats
     python benchmarks/webrtc_browser_benchmark.py --repeats 10 --json webrtc_browser.json
 
 One ``serve.py`` (a real subprocess, as users run it; the tiny generator: generated weights, fp32,
@@ -94,8 +94,9 @@ function onFrame(now, meta) {
     const diff = mouthDiff();
     a.lastDiff = diff;
     if (a.mouth === null && diff > a.talkLevel && meta.expectedDisplayTime > a.asked) {
-      a.mouth = meta.expectedDisplayTime; a.mouthDiff = diff; a.presented = meta.presentationTime;
+      a.mouth = meta.expectedDisplayTime; a.mouthDiff = diff; a.gap = (meta.rtpTimestamp - a.lastRtp) >>> 0;
     }
+    if (a.mouth === null) { a.idleDiff = diff; a.lastRtp = meta.rtpTimestamp; }
     if (a.mouth !== null) a.idleRun = diff > a.talkLevel ? 0 : a.idleRun + 1;
   }
   video.requestVideoFrameCallback(onFrame);
@@ -136,7 +137,7 @@ async function playout() {   // Chrome's own view: estimated playout times and t
 bench.playout = playout;
 bench.run = async function (speakUrl, file, talkLevel, onsetLevel, timeoutMs) {
   const a = bench.armed = {talkLevel, onsetLevel, asked: performance.now(), answered: null, mouth: null, onset: null,
-                           idleRun: 0, lastDiff: null, packets: []};
+                           idleRun: 0, lastDiff: null, packets: [], idleDiff: null, lastRtp: 0};
   const form = new FormData();
   form.append('audio', file);
   const said = await api(speakUrl, {method: 'POST', body: form});
@@ -163,13 +164,13 @@ img.src = photoUrl;
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--repeats", type=int, default=5, help="utterances measured, one after another")
+    p.add_argument("--repeats", type=int, default=10, help="utterances measured, one after another")
     p.add_argument("--burst_seconds", type=float, default=0.8, help="length of the known sound, seconds")
     p.add_argument("--talk_level", type=float, default=12.0,
                    help="mean absolute difference from the photograph's mouth box (grey levels) over which a frame talks")
     p.add_argument("--onset_level", type=float, default=0.05, help="sample level (of full scale 1) over which the sound has begun")
-    p.add_argument("--settle_seconds", type=float, default=20.0,
-                   help="seconds between connecting and the first repeat (Chrome's A/V sync takes about 15 s to settle)")
+    p.add_argument("--settle_seconds", type=float, default=5.0,
+                   help="seconds between connecting and the first repeat (Chrome's A/V sync adjusts over the first 20 s or so)")
     p.add_argument("--workdir", default=None, help="folder for the checkpoint, avatar, logs (default: a new temporary one)")
     p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     return p
@@ -294,7 +295,8 @@ def main(argv=None) -> int:
                        "latency_ms": m["mouth"] - m["asked"], "offset_ms": m["mouth"] - heard,
                        "offset_analyser_ms": None if m["onset"] is None else m["mouth"] - m["onset"],
                        "chrome_estimate_ms": m["playout"]["video"] - m["playout"]["audio"],
-                       "device_delay_ms": m["playout"].get("device"), "mouth_diff": m["mouthDiff"]}
+                       "device_delay_ms": m["playout"].get("device"), "mouth_diff": m["mouthDiff"],
+                       "frame_before_diff": m["idleDiff"], "video_rtp_step": m["gap"]}
                 rows.append(row)
                 analyser = "-" if row["offset_analyser_ms"] is None else f"{row['offset_analyser_ms']:+.0f}"
                 print(f"{k + 1} | {since:.0f} | {row['answered_ms']:.0f} | {row['latency_ms']:.0f} | "
@@ -323,6 +325,11 @@ def main(argv=None) -> int:
     if via:
         print(f"(the same sound reaches an AnalyserNode {statistics.median(off) - statistics.median(via):.0f} ms later "
               f"(median): WebAudio's own buffering and output latency, which the <video>'s playout does not have)")
+    steps = sorted({r["video_rtp_step"] for r in rows})
+    print(f"the first lip-synced frame: mouth box {min(r['mouth_diff'] for r in rows):.0f}-"
+          f"{max(r['mouth_diff'] for r in rows):.0f} grey levels from the photograph, the frame before it "
+          f"{max(r['frame_before_diff'] for r in rows):.1f} at most; RTP steps from the frame before: {steps} "
+          f"(one frame: {round(90000 / fps)})")
     print(f"server: {state['stalls']} stalled ticks, {state['spoken']} utterances spoken; audio device delay "
           f"{rows[-1]['device_delay_ms']:.0f} ms")
     print(f"load average at the end (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

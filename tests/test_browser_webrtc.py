@@ -207,6 +207,7 @@ def test_a_live_session_plays_both_tracks_and_speaks(browser, server, assets, av
     assert silent < 1e-4, silent
 
     n = audio.num_frames_for_audio(len(audio.load_wav(assets["speech"])), FPS)
+    stalls = session_state(server, sid).json()["stalls"]
     seen = len(frames(browser))
     choose_and_say(browser, assets["speech"])
     wait_until(browser, lambda d: session_state(server, sid).json()["spoken"] == 1, 60, "the speech never ended")
@@ -217,12 +218,13 @@ def test_a_live_session_plays_both_tracks_and_speaks(browser, server, assets, av
 
     wait_until(browser, idle_again, 60, "the idle frames did not come back after the speech")
     shown = talking(frames(browser)[seen:])
+    held = session_state(server, sid).json()["stalls"] - stalls   # a renderer behind holds its last frame a tick
     print(f"talk frames presented: {sum(shown)} of {n}; mouth box difference from the photo: idle up to "
           f"{max(d for _, d in idle):.1f}, talking {min(d for (_, d), t in zip(frames(browser)[seen:], shown) if t):.1f} "
           f"and more (threshold {TALK_DIFF})")
-    assert n * 0.6 <= sum(shown) <= n + 2, (sum(shown), n)  # the browser may skip a frame or two when busy
+    assert n * 0.6 <= sum(shown) <= n + held + 2, (sum(shown), n, held)   # a busy browser may skip a few
     first, last = shown.index(True), len(shown) - 1 - shown[::-1].index(True)
-    assert last - first < n + 10, (first, last, n)            # one run of talk frames, about the speech's length
+    assert last - first < n + held + 10, (first, last, n, held)   # one run of talk frames, the speech's length
     assert not any(shown[last + 1:])                           # then the idle frames again
     heard = media(browser)["rtp"]["audio"]["totalAudioEnergy"] - silent
     assert heard > 1e-3, heard
@@ -230,9 +232,11 @@ def test_a_live_session_plays_both_tracks_and_speaks(browser, server, assets, av
 
 
 def test_interrupt_and_a_second_tab(browser, server, assets, avatar_id):
-    """A second tab opened at the first one's address (#session=ID) watches the same session; long
-    speech talks in both; Interrupt in the first brings the idle frames back within a few frames in
-    both; the second tab's viewer leaves the session when the tab closes."""
+    """A second window opened at the first one's address (#session=ID) watches the same session;
+    long speech talks in both; Interrupt in the first brings the idle frames back within a few
+    frames in both; the second window's viewer leaves the session when it closes; a session ended
+    elsewhere is reported. (A window, not a background tab: Chrome presents no video frames in a
+    hidden tab, so there would be nothing to compare.)"""
     sid = start_live(browser, server, avatar_id)
     first = browser.current_window_handle
     address = browser.current_url
@@ -277,8 +281,14 @@ def test_interrupt_and_a_second_tab(browser, server, assets, avatar_id):
         browser.close()
         browser.switch_to.window(first)
     wait_until(browser, lambda d: session_state(server, sid).json()["viewers"] == 1, 30,
-               "the closed tab's viewer stayed")
+               "the closed window's viewer stayed")
     assert errors_logged(browser) == []
+    # the session ended elsewhere (here: by the API): the page says so and lets the viewer go
+    assert httpx.delete(f"{server.url}/v1/sessions/{sid}", timeout=10).status_code == 204
+    wait_until(browser, lambda d: state(d) == "error", 30, "the page did not notice the end of its session")
+    assert sid in browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, "live-leave").get_attribute("disabled") is not None
+    assert browser.execute_script("return document.getElementById('live-video').srcObject === null")
 
 
 def test_microphone_is_sent_as_the_offers_audio_track(browser, server, avatar_id):
