@@ -291,15 +291,17 @@ def test_interrupt_and_a_second_tab(browser, server, assets, avatar_id):
     assert browser.execute_script("return document.getElementById('live-video').srcObject === null")
 
 
-def test_microphone_is_sent_as_the_offers_audio_track(browser, server, avatar_id):
-    """Speak (microphone): the viewer connects again with the microphone (the fake capture device)
-    added before the offer, so its audio transceiver is sendrecv and the microphone's packets go out,
-    while the session still plays; Stop microphone connects again receive-only and releases it.
-    (What the server does with that speech is its side's test: tests/test_webrtc.py.)"""
+def test_microphone_is_sent_as_the_offers_audio_track(browser, server, assets, avatar_id):
+    """Speak (microphone): the viewer connects again with the microphone (the fake capture device,
+    playing speech in a loop) added before the offer, so its audio transceiver is sendrecv and the
+    microphone's packets go out, while the session still plays. A server that takes it as speech
+    (its answer says ``"microphone": true``) makes the mouth move with it; one that does not is
+    named so on the page. Stop microphone connects again receive-only and releases it."""
     sid = start_live(browser, server, avatar_id)
     assert media(browser)["transceivers"] == [["audio", "recvonly", None], ["video", "recvonly", None]]
     browser.find_element(By.ID, "live-mic").click()
-    wait_until(browser, lambda d: "microphone is sent" in d.find_element(By.ID, "status").text, 60,
+    wait_until(browser, lambda d: "microphone as speech" in d.find_element(By.ID, "status").text
+               or "microphone is sent as speech" in d.find_element(By.ID, "status").text, 60,
                "the page did not connect with the microphone")
     assert playing(browser) == sid
     m = media(browser)
@@ -308,9 +310,15 @@ def test_microphone_is_sent_as_the_offers_audio_track(browser, server, avatar_id
                "the microphone's packets do not go out")
     assert browser.find_element(By.ID, "live-mic").text == "Stop microphone"
     assert session_state(server, sid).json()["viewers"] == 1   # the receive-only viewer was replaced
+    status = browser.find_element(By.ID, "status").text
+    if browser.execute_script("return viewer.microphone"):
+        assert "microphone is sent as speech" in status, status
+        monitor(browser, assets)
+        wait_until(browser, lambda d: sum(talking(frames(d))) >= 25, 60, "the mouth does not follow the microphone")
+    else:   # a server without microphone speech (the answer has no "microphone": true)
+        assert "does not take the microphone as speech" in status, status
     track_state = "return viewer.media ? viewer.media.getAudioTracks()[0].readyState : null"
-    mic = browser.execute_script("return viewer.media;")
-    assert mic is not None and browser.execute_script(track_state) == "live"
+    assert browser.execute_script(track_state) == "live"
     browser.find_element(By.ID, "live-mic").click()
     wait_until(browser, lambda d: d.execute_script("return viewer && viewer.connected && !viewer.media"), 60,
                "the page did not connect again without the microphone")

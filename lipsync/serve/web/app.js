@@ -745,6 +745,7 @@ class LiveViewer {
     this.media = media;       // MediaStream of the microphone sent as speech, or null
     this.pc = null;
     this.viewerId = null;
+    this.microphone = false;
     this.closed = false;
     this.connected = false;
     this.shown = 0;           // video frames handed to the screen (requestVideoFrameCallback), where the browser says
@@ -776,6 +777,7 @@ class LiveViewer {
     const answer = await api(sessionPath(this.id, "/offer"), {
       method: "POST", ...jsonBody({sdp: pc.localDescription.sdp, type: "offer"})});
     this.viewerId = answer.viewer_id;
+    this.microphone = answer.microphone === true;   // the server took the microphone as the session's speech
     if (this.closed) { this.hangUp(); return; }
     await pc.setRemoteDescription({type: answer.type, sdp: answer.sdp});
   }
@@ -808,8 +810,14 @@ class LiveViewer {
     const state = this.pc.connectionState;
     if (state === "connected") {
       this.connected = true;
-      const mic = this.media ? " Your microphone is sent as speech." : "";
-      setStatus("live", `Watching live session ${this.id} (viewer ${this.viewerId}).${mic}`);
+      let mic = "";
+      if (this.media && this.microphone) {
+        mic = " Your microphone is sent as speech: the avatar follows it (and you hear silence, not your own voice late).";
+      } else if (this.media) {
+        mic = " This server does not take the microphone as speech (its answer says so): it ignores it.";
+      }
+      const muted = live.video.muted ? " Muted by the browser until you click (the video's sound control)." : "";
+      setStatus("live", `Watching live session ${this.id} (viewer ${this.viewerId}).${mic}${muted}`);
     } else if (state === "failed" || state === "closed") {
       // the session ended (its viewers are disconnected) or the network failed: say which
       liveEnded(this, this.connected ? "The connection to the live session was lost" : "Could not connect to the live session");
@@ -932,7 +940,14 @@ async function watchById(id) {
   if (!id) throw new Error("Type the id of a live session to watch (live-…), or start one.");
   leaveSession();
   setStatus("busy", `Looking up live session ${id}…`);
-  await watchSession({...await api(sessionPath(id)), session_id: id});
+  let session;
+  try {
+    session = await api(sessionPath(id));
+  } catch (err) {
+    addressSession(null);   // the address names no session to watch any more
+    throw err;
+  }
+  await watchSession({...session, session_id: id});
 }
 
 function currentViewer() {
