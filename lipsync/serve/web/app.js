@@ -693,9 +693,9 @@ class MicSession extends Session {
 }
 
 // ---- live sessions over WebRTC (/v1/sessions) --------------------------------------------------
-// A live session is an avatar on the server's clock (README "Live sessions over WebRTC"): it idles,
-// silent, until speech comes, then plays the lip-synced frames with that speech, the same to every
-// viewer. This tab is one viewer: an RTCPeerConnection that receives the session's video track and
+// A live session is an avatar on the server's clock (docs/serving.md, "Live sessions over WebRTC"):
+// it idles, silent, until speech comes, then plays the lip-synced frames with that speech, the same
+// to every viewer. This tab is one viewer: an RTCPeerConnection that receives the session's video track and
 // audio track (one MediaStream: the browser plays them in sync from the server's RTCP sender
 // reports) and plays them in the <video>. Speech comes from the server side: a file uploaded to
 // .../speak, or this tab's microphone sent as the audio track of the viewer's offer (a sendrecv
