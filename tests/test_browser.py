@@ -5,35 +5,23 @@ microphone path (Chromium's fake capture device fed a wav). Each checks that fra
 page's counters, and a canvas that is not blank) and that the browser console logged no error.
 Also the page's microphone resampler on tones. Skipped when chromium, chromedriver or selenium is
 missing (CI installs them: .ci/run)."""
-import shutil
-import tempfile
-
 import numpy as np
 import pytest
 
 import audio
+from browser import chromium, errors_logged, missing, state, wait_state
 from media import photo_and_speech
 from serving import Server, get_json, tiny_checkpoint
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+if missing():
+    pytest.skip(missing(), allow_module_level=True)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 BOX = "40 200 60 196"  # top bottom left right of the face in the 256x256 photo
 FPS = 25.0
-CHROMIUM_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",   # the microphone: a wav file
-)
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +49,7 @@ def avatar_id(server, assets):
 
 @pytest.fixture(scope="module")
 def browser(assets):
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="chromium-", dir=str(assets["dir"]))
-    options.add_argument(f"--user-data-dir={profile}")
-    options.add_argument(f"--use-file-for-fake-audio-capture={assets['wav']}")  # looped
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_script_timeout(30)
+    driver = chromium(assets["dir"], assets["wav"])
     try:
         yield driver
     finally:
@@ -87,30 +64,9 @@ def open_page(browser, server):
     wait_state(browser, ("idle",), 30)
 
 
-def state(browser):
-    return browser.find_element(By.ID, "status").get_attribute("data-state")
-
-
-def wait_state(browser, states, timeout):
-    """Wait until the page's status is one of ``states``; an error shown on the page fails the test."""
-    def done(d):
-        s = state(d)
-        if s == "error":
-            raise AssertionError("the page shows an error: " + d.find_element(By.ID, "error").text
-                                 + f"\nconsole: {d.get_log('browser')}")
-        return s in states
-
-    WebDriverWait(browser, timeout, poll_frequency=0.1).until(done)
-
-
 def counter(browser, name):
     text = browser.find_element(By.ID, name).text
     return -1 if text == "-" else int(text)
-
-
-def errors_logged(browser):
-    """SEVERE entries of the browser console since the last read."""
-    return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def canvas_picture(browser):

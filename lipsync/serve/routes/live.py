@@ -3,7 +3,7 @@
 
 - ``POST /v1/sessions`` (JSON ``{"avatar_id"}``) -> 201 ``{"session_id", "avatar_id", "fps",
   "ice_servers", ...}``; holds a session slot (503 beyond ``max_sessions``) until it ends.
-- ``GET /v1/sessions/{id}`` -> the session's state; ``DELETE /v1/sessions/{id}`` -> 204, ended.
+- ``GET /v1/sessions/{id}`` -> the session's state (and ``ice_servers``); ``DELETE /v1/sessions/{id}`` -> 204, ended.
 - ``POST /v1/sessions/{id}/offer`` (JSON ``{"sdp", "type": "offer"}``) -> ``{"sdp", "type":
   "answer", "viewer_id"}``; 503 beyond ``max_viewers``; ``DELETE .../viewers/{viewer_id}`` -> 204.
 - ``POST /v1/sessions/{id}/speak`` (multipart ``audio``: any file the server reads) -> 202
@@ -82,8 +82,9 @@ async def create_session(request: Request, state: ServerState = Depends(get_stat
 
 @router.get("/{session_id}")
 async def get_session(session_id: str, state: ServerState = Depends(get_state)):
-    """The session's state: viewers, speech queued and played, stalls."""
-    return _session(state, session_id).describe()
+    """The session's state: viewers, speech queued and played, stalls; and the ``ice_servers`` a
+    viewer's RTCPeerConnection needs (the web page's other tabs join a session by its id)."""
+    return {**_session(state, session_id).describe(), "ice_servers": ice_servers(state.config.live)}
 
 
 @router.delete("/{session_id}", status_code=204)

@@ -1,13 +1,18 @@
 // The server's web page (index.html loads this file). Plain JS, no build step, nothing from
 // outside this server.
 //
-// Two ways to make the avatar talk, both over the WebSocket /v1/stream (README "Streaming"):
+// Two ways to make the avatar talk over the WebSocket /v1/stream (README "Streaming"), drawn on the
+// canvas:
 //
 // - An audio FILE: decoded by the browser (decodeAudioData), resampled to 16 kHz mono by an
 //   OfflineAudioContext, streamed at real-time pace (as a text-to-speech engine or a call would
 //   deliver it), and played here, each frame shown at its time on the audio clock.
 // - The MICROPHONE: captured by an AudioWorklet (ScriptProcessor where there is none), resampled
 //   to 16 kHz here, streamed as it is spoken; the newest frame is shown as soon as it arrives.
+//
+// And a live session over WebRTC (/v1/sessions, "live sessions over WebRTC" below), played by the
+// <video>: the server's clock pairs frames and sound, speech is said by the server (a file) or
+// comes from this tab's microphone as a WebRTC track, and other tabs can watch the same session.
 //
 // How the file path keeps sync. Frame k comes with pts = k / fps, its time on the audio's own
 // timeline. The page plays the audio itself through Web Audio, starting it at a chosen time T0 on
@@ -687,6 +692,322 @@ class MicSession extends Session {
   }
 }
 
+// ---- live sessions over WebRTC (/v1/sessions) --------------------------------------------------
+// A live session is an avatar on the server's clock (docs/serving.md, "Live sessions over WebRTC"):
+// it idles, silent, until speech comes, then plays the lip-synced frames with that speech, the same
+// to every viewer. This tab is one viewer: an RTCPeerConnection that receives the session's video track and
+// audio track (one MediaStream: the browser plays them in sync from the server's RTCP sender
+// reports) and plays them in the <video>. Speech comes from the server side: a file uploaded to
+// .../speak, or this tab's microphone sent as the audio track of the viewer's offer (a sendrecv
+// audio transceiver: the server takes what it receives there as speech for the session). Any tab
+// can watch the same session: the page's address with #session=ID joins it on load (the id is in
+// the fragment, which browsers never send to a server; the token stays in the query, as for the
+// rest of the page).
+const live = {
+  start: el("live-start"), id: el("live-id"), watch: el("live-watch"), leave: el("live-leave"), end: el("live-end"),
+  audio: el("live-audio"), say: el("live-say"), mic: el("live-mic"), interrupt: el("live-interrupt"),
+  link: el("live-link"), video: el("live-video"), stats: el("live-stats"),
+  counts: {session: el("live-session"), viewers: el("live-viewers"), speaking: el("live-speaking"),
+           decoded: el("live-decoded"), shown: el("live-shown"), played: el("live-played")},
+};
+const ICE_GATHER_S = 3;    // the offer waits this long at most for its ICE candidates (the server takes no trickle ICE)
+const LIVE_POLL_MS = 1000; // how often the page asks the server for the session's state
+let viewer = null;         // this tab's LiveViewer
+
+function jsonBody(value) {
+  return {headers: {"Content-Type": "application/json"}, body: JSON.stringify(value)};
+}
+
+function sessionPath(id, rest = "") {
+  return "v1/sessions/" + encodeURIComponent(id) + rest;
+}
+
+// Resolves once the connection's ICE candidates are gathered, or after `seconds` (then the offer
+// goes with those found so far: enough for host candidates; a slow STUN server is not waited for).
+function iceGathered(pc, seconds) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, seconds * 1000);
+    function done() {
+      clearTimeout(timer);
+      pc.removeEventListener("icegatheringstatechange", check);
+      resolve();
+    }
+    function check() { if (pc.iceGatheringState === "complete") done(); }
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+// One viewer of one session: its peer connection, and the microphone it sends, if any.
+class LiveViewer {
+  constructor(session, media) {
+    this.session = session;   // the server's description: session_id, fps, width, height, ice_servers, ...
+    this.media = media;       // MediaStream of the microphone sent as speech, or null
+    this.pc = null;
+    this.viewerId = null;
+    this.microphone = false;
+    this.closed = false;
+    this.connected = false;
+    this.shown = 0;           // video frames handed to the screen (requestVideoFrameCallback), where the browser says
+  }
+
+  get id() { return this.session.session_id; }
+
+  async connect() {
+    if (typeof RTCPeerConnection !== "function") throw new Error("This browser has no WebRTC (RTCPeerConnection).");
+    const pc = new RTCPeerConnection({iceServers: this.session.ice_servers || []});
+    this.pc = pc;
+    const fallback = new MediaStream();   // for tracks that come without a stream
+    pc.ontrack = (e) => {
+      const stream = e.streams[0] || fallback;
+      if (!e.streams[0]) fallback.addTrack(e.track);
+      if (!this.closed && live.video.srcObject !== stream) this.show(stream);
+    };
+    pc.onconnectionstatechange = () => this.stateChanged();
+    if (this.media) {
+      // addTrack before the offer: the audio m-line becomes sendrecv, carrying the microphone
+      for (const track of this.media.getAudioTracks()) pc.addTrack(track, this.media);
+    } else {
+      pc.addTransceiver("audio", {direction: "recvonly"});
+    }
+    pc.addTransceiver("video", {direction: "recvonly"});
+    await pc.setLocalDescription(await pc.createOffer());
+    await iceGathered(pc, ICE_GATHER_S);
+    if (this.closed) return;
+    const answer = await api(sessionPath(this.id, "/offer"), {
+      method: "POST", ...jsonBody({sdp: pc.localDescription.sdp, type: "offer"})});
+    this.viewerId = answer.viewer_id;
+    this.microphone = answer.microphone === true;   // the server took the microphone as the session's speech
+    if (this.closed) { this.hangUp(); return; }
+    await pc.setRemoteDescription({type: answer.type, sdp: answer.sdp});
+  }
+
+  show(stream) {
+    const video = live.video;
+    video.srcObject = stream;
+    if (video.requestVideoFrameCallback) {
+      const counted = (now, meta) => {
+        if (this.closed) return;
+        this.shown = meta.presentedFrames;
+        video.requestVideoFrameCallback(counted);
+      };
+      video.requestVideoFrameCallback(counted);
+    }
+    video.hidden = false;
+    video.muted = false;
+    video.play().catch((err) => {
+      if (err.name !== "NotAllowedError" || this.closed) return;
+      // autoplay with sound needs a click (a tab that joined by its address, without one): play
+      // muted, and let the user turn the sound on with the video's controls
+      video.muted = true;
+      video.play().catch(() => {});
+      setStatus("live", `Watching ${this.id} muted: the browser wants a click before it plays sound (use the video's sound control).`);
+    });
+  }
+
+  stateChanged() {
+    if (this.closed) return;
+    const state = this.pc.connectionState;
+    if (state === "connected") {
+      this.connected = true;
+      let mic = "";
+      if (this.media && this.microphone) {
+        mic = " Your microphone is sent as speech: the avatar follows it (and you hear silence, not your own voice late).";
+      } else if (this.media) {
+        mic = " This server does not take the microphone as speech (its answer says so): it ignores it.";
+      }
+      const muted = live.video.muted ? " Muted by the browser until you click (the video's sound control)." : "";
+      setStatus("live", `Watching live session ${this.id} (viewer ${this.viewerId}).${mic}${muted}`);
+    } else if (state === "failed" || state === "closed") {
+      // the session ended (its viewers are disconnected) or the network failed: say which
+      liveEnded(this, this.connected ? "The connection to the live session was lost" : "Could not connect to the live session");
+    }
+  }
+
+  // Close this tab's connection (and the microphone); the session goes on for its other viewers.
+  // `dropped`: the server already let this viewer go (the session ended, or the connection failed).
+  close(dropped = false) {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.media) for (const track of this.media.getTracks()) track.stop();
+    if (live.video.srcObject) {
+      live.video.pause();
+      live.video.srcObject = null;
+    }
+    this.hangUp(dropped);
+  }
+
+  hangUp(dropped = false) {
+    const pc = this.pc, viewerId = this.viewerId;
+    this.viewerId = null;
+    if (!viewerId || dropped || pc.connectionState === "failed" || pc.connectionState === "closed") {
+      pc && pc.close();
+      return;
+    }
+    // tell the server first, then close: closing first would have the server drop the viewer
+    // itself, and the DELETE would find it gone (keepalive: the request outlives an unloading page)
+    api(sessionPath(this.id, "/viewers/" + encodeURIComponent(viewerId)), {method: "DELETE", keepalive: true})
+      .catch(() => { /* already gone: the session ended, or the server dropped the connection */ })
+      .finally(() => pc.close());
+  }
+}
+
+function liveButtons() {
+  const on = viewer !== null;
+  live.leave.disabled = live.end.disabled = live.say.disabled = live.interrupt.disabled = live.mic.disabled = !on;
+  live.mic.textContent = on && viewer.media ? "Stop microphone" : "Speak (microphone)";
+  live.stats.hidden = !on;
+}
+
+// The page's address says which session this tab watches (#session=ID), so that reloading it, or
+// opening it in another tab, watches the same one.
+function addressSession(id) {
+  history.replaceState(null, "", location.pathname + location.search + (id ? "#session=" + encodeURIComponent(id) : ""));
+  live.link.href = location.href;
+}
+
+// Watch `session` (the server's description) in this tab, sending `media` (the microphone) as speech
+// if given; replaces what this tab watched before.
+async function watchSession(session, media = null) {
+  leaveSession();
+  const next = new LiveViewer(session, media);
+  viewer = next;
+  live.id.value = session.session_id;
+  addressSession(next.id);
+  liveButtons();
+  setStatus("busy", `Connecting to live session ${session.session_id}…`);
+  try {
+    await next.connect();
+  } catch (err) {
+    if (viewer === next) { viewer = null; liveButtons(); }
+    next.close();
+    throw err;
+  }
+  if (viewer !== next) return;
+  live.counts.session.textContent = next.id;
+  next.poll = setInterval(() => pollSession(next), LIVE_POLL_MS);
+  next.tick = setInterval(() => showPlayback(next), 250);
+}
+
+function leaveSession(dropped = false) {
+  if (!viewer) return;
+  const old = viewer;
+  viewer = null;
+  clearInterval(old.poll);
+  clearInterval(old.tick);
+  old.close(dropped);
+  addressSession(null);
+  liveButtons();
+}
+
+function liveEnded(which, why) {
+  if (viewer !== which) return;
+  leaveSession(true);
+  showError(`${why}: session ${which.id}.`);
+}
+
+async function pollSession(which) {
+  let state;
+  try {
+    state = await api(sessionPath(which.id));
+  } catch (err) {
+    if (/HTTP 404/.test(errorText(err))) liveEnded(which, "The live session has ended (deleted, or idle too long)");
+    return;   // another hiccup: the next poll tries again
+  }
+  if (viewer !== which) return;
+  live.counts.viewers.textContent = state.viewers;
+  live.counts.speaking.textContent = state.speaking ? `yes (${state.queued_seconds.toFixed(1)} s queued)` : "no";
+}
+
+function showPlayback(which) {
+  if (viewer !== which) return;
+  const video = live.video;
+  const q = video.getVideoPlaybackQuality ? video.getVideoPlaybackQuality() : null;
+  if (q) live.counts.decoded.textContent = q.totalVideoFrames;
+  live.counts.shown.textContent = which.shown;
+  live.counts.played.textContent = `${video.currentTime.toFixed(1)} s`;
+}
+
+async function startSession() {
+  const avatar = chosenAvatar();
+  setStatus("busy", "Starting a live session…");
+  const session = await api("v1/sessions", {method: "POST", ...jsonBody({avatar_id: avatar.avatar_id})});
+  await watchSession(session);
+}
+
+async function watchById(id) {
+  id = (id || "").trim();
+  if (!id) throw new Error("Type the id of a live session to watch (live-…), or start one.");
+  leaveSession();
+  setStatus("busy", `Looking up live session ${id}…`);
+  let session;
+  try {
+    session = await api(sessionPath(id));
+  } catch (err) {
+    addressSession(null);   // the address names no session to watch any more
+    throw err;
+  }
+  await watchSession({...session, session_id: id});
+}
+
+function currentViewer() {
+  if (!viewer) throw new Error("Start or watch a live session first.");
+  return viewer;
+}
+
+async function saySpeech() {
+  const which = currentViewer();
+  const file = live.audio.files[0];
+  if (!file) throw new Error("Choose a speech file first.");
+  const form = new FormData();
+  form.append("audio", file);
+  setStatus("busy", `Uploading ${file.name}…`);
+  const said = await api(sessionPath(which.id, "/speak"), {method: "POST", body: form});
+  const after = said.starts_after > 0 ? `, after ${said.starts_after.toFixed(1)} s already queued` : "";
+  setStatus("live", `Saying ${file.name}: ${said.seconds.toFixed(1)} s, ${plural(said.frames, "frame")}${after}.`);
+}
+
+async function interruptSpeech() {
+  const which = currentViewer();
+  const r = await api(sessionPath(which.id, "/speak"), {method: "DELETE"});
+  setStatus("live", r.interrupted ? `Interrupted (${plural(r.interrupted, "utterance")} dropped).` : "Nothing was being said.");
+}
+
+// The microphone as speech: this tab's viewer connects again with the microphone's track in its
+// offer (and again without it to stop).
+async function toggleMicrophone() {
+  const which = currentViewer();
+  if (which.media) {
+    await watchSession(which.session);
+    return;
+  }
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new Error("This browser gives no microphone access here (it needs https:// or http://localhost).");
+  }
+  let media;
+  try {
+    media = await navigator.mediaDevices.getUserMedia({
+      audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true},
+    });
+  } catch (err) {
+    throw new Error(`No microphone: ${err.name === "NotAllowedError" ? "permission was refused" : errorText(err)}.`);
+  }
+  await watchSession(which.session, media);
+}
+
+async function endSession() {
+  const which = currentViewer();
+  leaveSession(true);   // the session's end disconnects its viewers
+  await api(sessionPath(which.id), {method: "DELETE"});
+  setStatus("idle", `Live session ${which.id} ended.`);
+}
+
+// #session=ID in the page's address: the session to watch on load
+function sessionInAddress() {
+  const m = /(?:^#|&)session=([^&]*)/.exec(location.hash);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
 // ---- buttons ------------------------------------------------------------------------------------
 function buttonsIdle() {
   ui.play.disabled = false;
@@ -754,8 +1075,19 @@ ui.uploadForm.addEventListener("submit", guarded(uploadAvatar));
 ui.play.addEventListener("click", guarded(playFile));
 ui.mic.addEventListener("click", guarded(startMic));
 ui.stop.addEventListener("click", guarded(stopButton));
+live.start.addEventListener("click", guarded(startSession));
+live.watch.addEventListener("click", guarded(() => watchById(live.id.value)));
+live.leave.addEventListener("click", guarded(() => { leaveSession(); setStatus("idle", "Left the live session."); }));
+live.end.addEventListener("click", guarded(endSession));
+live.say.addEventListener("click", guarded(saySpeech));
+live.interrupt.addEventListener("click", guarded(interruptSpeech));
+live.mic.addEventListener("click", guarded(toggleMicrophone));
+window.addEventListener("pagehide", () => { if (viewer) viewer.close(); });
 buttonsIdle();
+liveButtons();
+const joining = sessionInAddress();
 guarded(async () => {
   await refreshAvatars();
-  setStatus("idle", "Pick an avatar, then play a file or start the microphone.");
+  if (joining) await watchById(joining);
+  else setStatus("idle", "Pick an avatar, then play a file or start the microphone, or start a live session.");
 })();
