@@ -125,6 +125,8 @@ class Watcher:
         assert len(self.video) >= video and len(self.audio) >= audio, (len(self.video), len(self.audio))
 
     def close(self):
+        if not self.thread.is_alive():      # closed already
+            return
         if self.pc is not None:
             self.call(self.pc.close())
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -7,7 +7,12 @@
 - ``POST /v1/sessions/{id}/offer`` (JSON ``{"sdp", "type": "offer"}``) -> ``{"sdp", "type":
   "answer", "viewer_id"}``; 503 beyond ``max_viewers``; ``DELETE .../viewers/{viewer_id}`` -> 204.
 - ``POST /v1/sessions/{id}/speak`` (multipart ``audio``: any file the server reads) -> 202
-  ``{"utterance", "frames", "seconds", "starts_after"}``; ``DELETE .../speak`` -> ``{"interrupted": n}``.
+  ``{"utterance", "frames", "seconds", "starts_after"}``; or a body of raw PCM
+  (``Content-Type: audio/L16;rate=16000;channels=1;endianness=little-endian``, see
+  :mod:`lipsync.serve.pcm`), spoken as it arrives, -> 202 ``{"utterances", "frames", "seconds"}``
+  once the body ends; ``DELETE .../speak`` -> ``{"interrupted": n}``.
+- An offer whose audio the browser sends (a sendrecv audio transceiver with the microphone's
+  track) makes that microphone the session's speech (:func:`lipsync.serve.webrtc.answer`).
 
 A server without aiortc answers 501 naming the pip command.
 """
@@ -18,10 +23,12 @@ import shutil
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 import audio
 from lipsync.serve.auth import require_token
-from lipsync.serve.live import LiveSession, SessionFull
+from lipsync.serve.live import LiveSession, SessionBusy, SessionFull
+from lipsync.serve.pcm import PcmDecoder, PcmFormatError, is_l16, parse_l16
 from lipsync.serve.state import ApiError, ServerState, get_state
 from lipsync.serve.uploads import Uploads
 from lipsync.serve.webrtc import WebRTCUnavailable, answer, close_viewer, ice_servers, require_aiortc
@@ -104,6 +111,8 @@ async def offer(session_id: str, request: Request, state: ServerState = Depends(
         raise ApiError(501, str(exc)) from None
     except SessionFull as exc:
         raise ApiError(503, str(exc)) from None
+    except SessionBusy as exc:
+        raise ApiError(409, str(exc)) from None
     except ValueError as exc:
         raise ApiError(422, f"unusable SDP offer: {exc}") from None
 
@@ -120,8 +129,16 @@ async def delete_viewer(session_id: str, viewer_id: str, state: ServerState = De
 async def speak(session_id: str, request: Request, state: ServerState = Depends(get_state),
                 uploads: Uploads = Depends(Uploads)):
     """202: the speech is queued after what is already queued; 415 for a file without audio, 422 for
-    audio too long or too short, 503 when the session has too much speech queued."""
+    audio too long or too short, 503 when the session has too much speech queued. A raw PCM body
+    (``audio/L16``) is spoken as it arrives: see :func:`speak_stream`."""
     _session(state, session_id)
+    content_type = request.headers.get("content-type")
+    if is_l16(content_type):
+        return await speak_stream(_session(state, session_id), request, content_type, state)
+    if (content_type or "").lower().startswith("audio/"):
+        raise ApiError(415, f"a {content_type.split(';')[0]} body: send raw PCM as audio/L16 (e.g. Content-Type: "
+                            "audio/L16;rate=16000;channels=1;endianness=little-endian), any other audio as the "
+                            "multipart file 'audio'")
     form = await uploads.form(request)
     staging = state.store.staging_dir()
     try:
@@ -135,6 +152,59 @@ async def speak(session_id: str, request: Request, state: ServerState = Depends(
         return JSONResponse(await session.speak(samples, state.config.max_audio_seconds), status_code=202)
     except SessionFull as exc:
         raise ApiError(503, str(exc)) from None
+
+
+async def speak_stream(session: LiveSession, request: Request, content_type: str, state: ServerState):
+    """Speak a raw PCM body as it arrives; 202 ``{"utterances": [ids], "frames", "seconds"}`` once it
+    has ended (frames of its utterances, seconds of audio received).
+
+    Each chunk's samples go to the session's :class:`lipsync.serve.live.SpeechStream` at once, so the
+    first frames render and play while the rest of the body is on its way. The body is read only
+    while less than ``max_ahead`` frames of speech wait to be played (a client sending faster than
+    real time is held back by TCP). Errors: 415 for a bad ``audio/L16`` Content-Type (nothing
+    queued), 409 when the session already takes a speech stream, 408 when no byte arrived for
+    ``idle_timeout`` seconds, 422 for a body that is not whole samples (what came before was spoken)
+    or too short for one frame (0.1875 s), 404 when the session ended meanwhile.
+    """
+    try:
+        decoder = PcmDecoder(parse_l16(content_type))
+    except PcmFormatError as exc:
+        raise ApiError(415, str(exc)) from None
+    try:
+        stream = session.open_stream()
+    except SessionBusy as exc:
+        raise ApiError(409, str(exc)) from None
+    ahead = session.options.max_ahead / session.fps     # seconds of speech waiting before reading pauses
+    timeout = state.config.stream.idle_timeout
+    chunks = request.stream().__aiter__()
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"no audio arrived for {timeout:g} s (--idle_timeout): the speech stream "
+                                    "ended") from None
+            stream.push(decoder.decode(chunk))
+            while session.queued_seconds() > ahead and not session.closed and not stream.closed:
+                await asyncio.sleep(1.0 / session.fps)
+        tail, leftover = decoder.flush()
+        stream.push(tail)
+    except SessionBusy:
+        raise ApiError(404, f"live session {session.sid} ended while its speech arrived") from None
+    except ClientDisconnect:      # the sender went away: what arrived plays out; nobody reads an answer
+        stream.finish()
+        return Response(status_code=204)
+    finally:
+        result = stream.finish()
+    if leftover:
+        raise ApiError(422, f"the body ended with {leftover} byte(s) that are not a whole sample ({decoder.fmt.frame_bytes} "
+                            f"bytes: 16 bits x {decoder.fmt.channels} channel(s)); the {result['seconds']:g} s before "
+                            "them were spoken")
+    if not result["frames"]:
+        raise ApiError(422, f"the audio is too short: {result['seconds']:g} s; a frame needs at least 0.1875 s")
+    return JSONResponse(result, status_code=202)
 
 
 @router.delete("/{session_id}/speak")
