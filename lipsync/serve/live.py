@@ -59,7 +59,9 @@ class LiveOptions:
     ``max_viewers``: viewers (peer connections) per session; more get 503. ``lead``: seconds of an
     utterance rendered before it starts playing. ``max_ahead``: frames rendered ahead of playback
     at most (bounds a session's memory). ``viewer_buffer``: ticks queued per viewer before the
-    oldest are dropped. ``connect_timeout``: seconds a viewer may take to connect. ``ice_servers``:
+    oldest are dropped. ``connect_timeout``: seconds a viewer may take to connect.
+    ``consent_timeout``: seconds after which a connected viewer that stopped answering ICE consent
+    checks (RFC 7675: it vanished without closing) is dropped. ``ice_servers``:
     STUN/TURN URLs (``stun:host:port``, ``turn:host:port``) with ``ice_username`` and
     ``ice_credential`` for the TURN ones.
     """
@@ -69,6 +71,7 @@ class LiveOptions:
     max_ahead: int = 100
     viewer_buffer: int = 10
     connect_timeout: float = 30.0
+    consent_timeout: float = 30.0
     ice_servers: Tuple[str, ...] = ()
     ice_username: Optional[str] = None
     ice_credential: Optional[str] = None

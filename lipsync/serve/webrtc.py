@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import fractions
 import logging
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -50,6 +50,33 @@ def require_aiortc():
         raise WebRTCUnavailable(f"WebRTC needs the aiortc package, which is not installed: {INSTALL} "
                                 f"({type(exc).__name__}: {exc})") from None
     return aiortc
+
+
+def set_consent_timeout(seconds: float) -> Tuple[float, int]:
+    """Make a peer that stops answering ICE consent checks (RFC 7675) count as gone after about
+    ``seconds`` (+-20%: aioice randomizes the interval) instead of aioice's 30 (a check every 5 s,
+    6 failures). Checks are every ``min(5, seconds / 3)`` s; the peer is gone after
+    ``round(seconds / interval)`` unanswered ones in a row. aioice reads these from module
+    constants at every check, so this holds for every connection of the process. Returns the
+    previous ``(interval, failures)`` (for :func:`restore_consent`). Raises WebRTCUnavailable
+    without aiortc, ValueError for ``seconds <= 0``."""
+    require_aiortc()
+    import aioice.ice
+
+    if not seconds > 0:
+        raise ValueError(f"the consent timeout must be positive, got {seconds}")
+    before = (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES)
+    interval = min(5.0, seconds / 3)
+    aioice.ice.CONSENT_INTERVAL = interval
+    aioice.ice.CONSENT_FAILURES = max(1, round(seconds / interval))
+    return before
+
+
+def restore_consent(before: Tuple[float, int]) -> None:
+    """Undo :func:`set_consent_timeout` (``before``: what it returned)."""
+    import aioice.ice
+
+    aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES = before
 
 
 def ice_servers(options: LiveOptions) -> List[dict]:
@@ -170,14 +197,23 @@ async def answer(session: LiveSession, sdp: str, kind: str) -> dict:
     speech: Optional[SpeechStream] = None
     listener: Optional[asyncio.Task] = None
 
+    closing: Optional[asyncio.Future] = None
+
     async def close():
+        # once, in a task of its own: a caller cancelled midway (the connect timer, a request) must not
+        # cut the peer connection's close short (aiortc would keep its ICE transport's task forever)
+        nonlocal closing
+        if closing is None:
+            closing = asyncio.ensure_future(shut())
+        await asyncio.shield(closing)
+
+    async def shut():
         session.unsubscribe(viewer)
-        if listener is not None:
-            listener.cancel()
+        for task in (listener, viewer.timer):
+            if task is not None:
+                task.cancel()
         if speech is not None:
             speech.finish()
-        if viewer.timer is not None and viewer.timer is not asyncio.current_task():
-            viewer.timer.cancel()
         await pc.close()
 
     viewer.close = close
