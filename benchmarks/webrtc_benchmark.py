@@ -22,8 +22,10 @@ that:
   window (the sender reports' octet counts, as the viewer's ``getStats()`` gives them:
   ``remote-outbound-rtp``), mean over the viewers; packet headers (RTP, SRTP, UDP, IP: about 50
   bytes a packet) not counted;
-- server CPU: the server process's CPU time over the window, cores; viewers CPU likewise for this
-  process (decoding every viewer's VP8 and Opus: it shares the machine with the server).
+- server CPU: the server process's CPU time over the window, cores; idle: the same over 3 s before
+  the speech (the clock, idle frames and encoding for the viewers, no generation); viewers CPU
+  likewise for this process (decoding every viewer's VP8 and Opus: it shares the machine with the
+  server).
 
 Then, for the same avatar and speech, one WebSocket stream (``/v1/stream``, real-time pace, 40 ms
 messages) against the same server: its bytes/s are the JPEG frames plus their JSON headers over
@@ -55,6 +57,7 @@ from lipsync.core.cli import HelpFormatter  # noqa: E402
 REAL_TIME = 0.95            # of the avatar's fps, received, and of the ticks, not stalled
 START_AFTER = 1.5           # seconds from the speak requests to the window (the utterances started)
 EXTRA_SPEECH = 3.0          # seconds of speech past the window
+IDLE_WINDOW = 3.0           # seconds of server CPU measured before the speech (idle frames: encoding, no generation)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +154,10 @@ async def measure(server, avatar_id: str, n: int, seconds: float, wavs: list, fp
                 raise RuntimeError(f"viewers still waiting for frames after 60 s: {[len(v.arrivals) for v in viewers]}")
             await asyncio.sleep(0.1)
 
+        meter = ProcessMeter(server.proc.pid).start()     # idle: the clock, idle frames, encoding; no generation
+        await asyncio.sleep(IDLE_WINDOW)
+        idle = meter.stop()
+
         async def speak(sid, wav):
             with open(wav, "rb") as fh:
                 r = await client.post(f"{url}/v1/sessions/{sid}/speak", files={"audio": ("speech.wav", fh.read())})
@@ -179,7 +186,8 @@ async def measure(server, avatar_id: str, n: int, seconds: float, wavs: list, fp
             await client.delete(f"{url}/v1/sessions/{sid}")
     worst = min(received)
     return {"sessions": n, "fps_worst": worst, "stalled_worst": max(stalled), "bytes_s": float(np.mean(bytes_s)),
-            "server_cores": usage["cpu_s"] / usage["wall_s"], "viewer_cores": own / (t1 - t0),
+            "server_cores": usage["cpu_s"] / usage["wall_s"], "idle_cores": idle["cpu_s"] / idle["wall_s"],
+            "viewer_cores": own / (t1 - t0),
             "rss_mb": usage["rss_mb"], "speaking": still_speaking,
             "real_time": still_speaking and worst >= REAL_TIME * fps and max(stalled) <= 1 - REAL_TIME}
 
@@ -201,14 +209,14 @@ def websocket_bytes(url: str, avatar_id: str, pcm: np.ndarray, fps: float) -> di
 
 
 HEADER = ("| N sessions x 1 viewer | frames/s per viewer (worst) | stalled ticks (worst) | bytes/s per viewer "
-          "| server CPU (cores) | viewers CPU (cores) | server RSS MB | real time |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| server CPU (cores) | server CPU idle (cores) | viewers CPU (cores) | server RSS MB | real time |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def row(r: dict) -> str:
     rt = "yes" if r["real_time"] else ("no" if r["speaking"] else "no (a session ran out of speech in the window)")
     return (f"| {r['sessions']} | {r['fps_worst']:.1f} | {100 * r['stalled_worst']:.1f}% | {r['bytes_s'] / 1000:.0f} kB/s "
-            f"| {r['server_cores']:.2f} | {r['viewer_cores']:.2f} | {r['rss_mb']:.0f} | {rt} |")
+            f"| {r['server_cores']:.2f} | {r['idle_cores']:.2f} | {r['viewer_cores']:.2f} | {r['rss_mb']:.0f} | {rt} |")
 
 
 def main(argv=None) -> int:
@@ -225,7 +233,8 @@ def main(argv=None) -> int:
     caps = cpu_capabilities()
     width, height = args.avatar_size
     print(f"CPU: {caps.line()}")
-    print(f"load average (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}; OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')} (the server inherits it)")
     print(f"{args.model} generator, {args.precision}; avatar {width}x{height} at {FPS} fps; window {args.seconds:g} s; "
           f"real time = every viewer >= {REAL_TIME * FPS:g} frames/s and every session stalled on <= "
           f"{100 * (1 - REAL_TIME):g}% of ticks\n", flush=True)
