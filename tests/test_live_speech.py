@@ -3,6 +3,7 @@ test client would read a request body whole): a raw PCM body renders while it is
 gives the frames a file gives; a viewer's microphone track moves the avatar's mouth, the other
 viewers hear it and the speaker does not; Content-Type and body errors. Skipped without aiortc."""
 import asyncio
+import json
 import threading
 import time
 
@@ -18,6 +19,8 @@ aiortc = pytest.importorskip("aiortc", reason="aiortc is not installed (pip inst
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from aiortc.contrib.media import MediaPlayer  # noqa: E402
+from websockets.exceptions import InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
 
 from lipsync.render.generator import Generator  # noqa: E402
 from lipsync.serve.app import create_app  # noqa: E402
@@ -128,7 +131,8 @@ class Body:
 # ---------------------------------------------------------------------------------------------
 def test_a_pcm_body_is_spoken_as_it_arrives(assets, tmp_path, loud):
     """The first frames are rendered, and the session speaks, while most of the body has not been
-    sent; the frames are those of the same speech sent as a file (the same windows, bit for bit)."""
+    sent; the frames are those of the same speech sent as a file (the same windows, bit for bit).
+    The same over the WebSocket protocol's messages (WS /v1/sessions/{id}/speak)."""
     sink = Sink()
     pcm = pcm16(assets["speech"])                           # 3 s
     with serve(assets, tmp_path, sink=sink, idle_grace=30.0) as srv:
@@ -170,6 +174,29 @@ def test_a_pcm_body_is_spoken_as_it_arrives(assets, tmp_path, loud):
         assert len(streamed) == n
         assert all(np.array_equal(a, b) for a, b in zip(offline, streamed))
         assert client.get(f"/v1/sessions/{sid}").json()["speech_stream"] is None
+
+        # the WebSocket protocol's messages into the session: the same frames, rendering before the end
+        ws_url = srv.url.replace("http", "ws") + f"/v1/sessions/{sid}/speak"
+        with connect(ws_url, additional_headers=AUTH) as ws:
+            for k in range(0, 8 * 1600, 1600):                  # 0.8 s in 100 ms messages
+                ws.send(pcm[k:k + 1600].astype("<i2").tobytes())
+            wait_for(lambda: len(sink.frames[sid]) > 2 * n, timeout=20)
+            assert client.get(f"/v1/sessions/{sid}").json()["speech_stream"] == "pcm"
+            for k in range(8 * 1600, len(pcm), 1600):
+                ws.send(pcm[k:k + 1600].astype("<i2").tobytes())
+            ws.send(json.dumps({"type": "end"}))
+            end = json.loads(ws.recv(timeout=30))
+        assert end["type"] == "end" and end["frames"] == n, end
+        wait_for(lambda: client.get(f"/v1/sessions/{sid}").json()["spoken"] == 3, timeout=30)
+        assert all(np.array_equal(a, b) for a, b in zip(offline, sink.frames[sid][2 * n:]))
+        with connect(ws_url, additional_headers=AUTH) as ws:
+            ws.send(b"\0\0\0")
+            error = json.loads(ws.recv(timeout=10))
+            assert error["type"] == "error" and "odd" in error["message"], error
+        with pytest.raises(InvalidStatus) as refused:
+            with connect(ws_url.replace(sid, "live-000000000000"), additional_headers=AUTH):
+                pass
+        assert refused.value.response.status_code == 404
 
 
 def test_pcm_content_types_and_bad_bodies(assets, tmp_path):

@@ -11,6 +11,9 @@
   (``Content-Type: audio/L16;rate=16000;channels=1;endianness=little-endian``, see
   :mod:`lipsync.serve.pcm`), spoken as it arrives, -> 202 ``{"utterances", "frames", "seconds"}``
   once the body ends; ``DELETE .../speak`` -> ``{"interrupted": n}``.
+- WebSocket ``/v1/sessions/{id}/speak``: the streaming protocol's audio messages (binary 16 kHz
+  mono 16-bit little-endian PCM, then ``{"type": "end"}``) spoken as they arrive; the server
+  answers ``{"type": "end", "utterances", "frames", "seconds"}`` and closes (see :func:`speak_socket`).
 - An offer whose audio the browser sends (a sendrecv audio transceiver with the microphone's
   track) makes that microphone the session's speech (:func:`lipsync.serve.webrtc.answer`).
 
@@ -19,16 +22,20 @@ A server without aiortc answers 501 naming the pip command.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
-from fastapi import APIRouter, Depends, Request
+import numpy as np
+from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 import audio
-from lipsync.serve.auth import require_token
-from lipsync.serve.live import LiveSession, SessionBusy, SessionFull
+from lipsync.serve.auth import deny, require_token
+from lipsync.serve.live import LiveSession, SessionBusy, SessionFull, SpeechStream
 from lipsync.serve.pcm import PcmDecoder, PcmFormatError, is_l16, parse_l16
+from lipsync.serve.sessions import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED,
+                                    MAX_TEXT_BYTES)
 from lipsync.serve.state import ApiError, ServerState, get_state
 from lipsync.serve.uploads import Uploads
 from lipsync.serve.webrtc import WebRTCUnavailable, answer, close_viewer, ice_servers, require_aiortc
@@ -174,7 +181,6 @@ async def speak_stream(session: LiveSession, request: Request, content_type: str
         stream = session.open_stream()
     except SessionBusy as exc:
         raise ApiError(409, str(exc)) from None
-    ahead = session.options.max_ahead / session.fps     # seconds of speech waiting before reading pauses
     timeout = state.config.stream.idle_timeout
     chunks = request.stream().__aiter__()
     try:
@@ -187,8 +193,7 @@ async def speak_stream(session: LiveSession, request: Request, content_type: str
                 raise ApiError(408, f"no audio arrived for {timeout:g} s (--idle_timeout): the speech stream "
                                     "ended") from None
             stream.push(decoder.decode(chunk))
-            while session.queued_seconds() > ahead and not session.closed and not stream.closed:
-                await asyncio.sleep(1.0 / session.fps)
+            await _room(session, stream)
         tail, leftover = decoder.flush()
         stream.push(tail)
     except SessionBusy:
@@ -205,6 +210,77 @@ async def speak_stream(session: LiveSession, request: Request, content_type: str
     if not result["frames"]:
         raise ApiError(422, f"the audio is too short: {result['seconds']:g} s; a frame needs at least 0.1875 s")
     return JSONResponse(result, status_code=202)
+
+
+async def _room(session: LiveSession, stream: SpeechStream) -> None:
+    """Wait while more than ``max_ahead`` frames of speech wait to be played (not reading meanwhile:
+    the sender is held back by TCP)."""
+    ahead = session.options.max_ahead / session.fps
+    while session.queued_seconds() > ahead and not session.closed and not stream.closed:
+        await asyncio.sleep(1.0 / session.fps)
+
+
+@router.websocket("/{session_id}/speak")
+async def speak_socket(ws: WebSocket, session_id: str, state: ServerState = Depends(get_state)):
+    """The WebSocket streaming protocol's audio spoken into a live session as it arrives.
+
+    The client sends binary messages of 16 kHz mono signed 16-bit little-endian PCM (10-500 ms each
+    recommended, at most ``max_message_bytes``), then ``{"type": "end"}``; the server answers
+    ``{"type": "end", "utterances": [ids], "frames", "seconds"}`` and closes with 1000. The frames
+    go to the session's WebRTC viewers, not to this socket. Refused before it opens: 404 for an
+    unknown session, 409 when the session already takes a speech stream. Afterwards a problem is
+    ``{"type": "error", "message"}`` and a close: 1003 for an odd byte count or an unknown text
+    message, 1009 for a message too large, 1008 after ``idle_timeout`` seconds without a message,
+    1001 when the session ends meanwhile. A client that disconnects ends the stream; what it sent
+    plays out."""
+    with state.lock:
+        session = state.sessions.get(session_id)
+    if not isinstance(session, LiveSession) or session.closed:
+        return await deny(ws, 404, f"no live session {session_id!r} (ended, or never made by this server)")
+    try:
+        stream = session.open_stream()
+    except SessionBusy as exc:
+        return await deny(ws, 409, str(exc))
+    limit = state.config.stream.max_message_bytes
+    timeout = state.config.stream.idle_timeout
+    try:
+        await ws.accept()
+        while True:
+            try:
+                msg = await asyncio.wait_for(ws.receive(), timeout)
+            except asyncio.TimeoutError:
+                return await _refuse(ws, f"no message for {timeout:g} s (--idle_timeout)", CLOSE_POLICY)
+            if msg["type"] == "websocket.disconnect":
+                return
+            data, text = msg.get("bytes"), msg.get("text")
+            if data is not None:
+                if len(data) > limit:
+                    return await _refuse(ws, f"audio message of {len(data)} bytes is too large: at most {limit} bytes",
+                                         CLOSE_TOO_BIG)
+                if len(data) % 2:
+                    return await _refuse(ws, f"PCM audio must be whole 16-bit samples: got {len(data)} bytes (an odd "
+                                             "number)", CLOSE_UNSUPPORTED)
+                stream.push(np.frombuffer(data, dtype="<i2").astype(np.int16))          # (n,) 16 kHz
+                await _room(session, stream)
+            elif text is not None:
+                try:
+                    end = len(text) <= MAX_TEXT_BYTES and json.loads(text) == {"type": "end"}
+                except (ValueError, RecursionError):
+                    end = False
+                if not end:
+                    return await _refuse(ws, f'unknown message {text[:60]!r}: the only text message is '
+                                             '{"type": "end"}; audio goes in binary messages', CLOSE_UNSUPPORTED)
+                await ws.send_text(json.dumps({"type": "end", **stream.finish()}))
+                return await ws.close(CLOSE_NORMAL)
+    except SessionBusy:
+        return await _refuse(ws, f"live session {session_id} ended", CLOSE_GOING_AWAY)
+    finally:
+        stream.finish()
+
+
+async def _refuse(ws: WebSocket, message: str, code: int) -> None:
+    await ws.send_text(json.dumps({"type": "error", "message": message}))
+    await ws.close(code)
 
 
 @router.delete("/{session_id}/speak")
