@@ -324,3 +324,41 @@ def test_a_microphone_track_is_the_sessions_speech(assets, tmp_path, loud):
             for peer in (other, speaker, listener):
                 peer.close()
         wait_for(lambda: client.get(f"/v1/sessions/{sid}").json()["viewers"] == 0, timeout=10)
+
+
+def test_a_live_voice_the_renderer_fell_behind_catches_up(assets, tmp_path, loud, monkeypatch):
+    """A real-time stream (a microphone's) whose renderer stalls for 3 s: frames are skipped so that
+    playback stays within --webrtc_lead + 0.5 s of the voice, instead of running 3 s late."""
+    forward = assets["gen"].queue.forward
+    stalled = threading.Event()
+
+    def slow_once(mels, faces, keys, as_tensor):
+        if not stalled.is_set():
+            stalled.set()
+            time.sleep(3.0)
+        return forward(mels, faces, keys, as_tensor)
+
+    monkeypatch.setattr(assets["gen"].queue, "forward", slow_once)
+    pcm = pcm16(assets["speech"])                               # 3 s
+    with serve(assets, tmp_path) as srv:
+        sid = new_session(srv.client, assets)
+        session = srv.state.sessions[sid]
+
+        async def talk():
+            stream = session.open_stream(source="v1", realtime=True)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for k in range(0, len(pcm), 640):                   # 40 ms pieces at the pace they are spoken
+                stream.push(pcm[k:k + 640])
+                await asyncio.sleep(max(0.0, t0 + (k + 640) / 16000 - loop.time()))
+            stream.finish()
+
+        started = time.monotonic()
+        srv.run(talk(), timeout=30)
+        wait_for(lambda: srv.client.get(f"/v1/sessions/{sid}").json()["spoken"] == 1, timeout=30)
+        took = time.monotonic() - started
+        state = srv.client.get(f"/v1/sessions/{sid}").json()
+    n = audio.num_frames_for_audio(len(pcm), 25.0)
+    # behind by ~75 frames when the renderer comes back, allowed 5 (lead) + 12 (0.5 s): most are skipped
+    assert 40 <= state["skipped"] < n, state
+    assert took < 3.0 + 3.0, took      # without catching up: the 3 s of speech + 3 s stalled + the lead
