@@ -169,6 +169,10 @@ class SessionBusy(Exception):
     """A second speech stream (a PCM body or a microphone) for a session that already has one."""
 
 
+class SpeechEnded(Exception):
+    """Speech pushed into a stream that has ended, or whose session has."""
+
+
 class SpeechStream:
     """Speech that arrives in pieces (an HTTP body of PCM, a viewer's microphone), spoken as it comes.
 
@@ -201,10 +205,10 @@ class SpeechStream:
         self.closed = False
 
     def push(self, pcm: np.ndarray) -> None:
-        """Add (n,) int16 samples at 16 kHz (from the event loop); raises SessionBusy once the stream or
+        """Add (n,) int16 samples at 16 kHz (from the event loop); raises SpeechEnded once the stream or
         its session has ended."""
         if self.closed or self.session.closed:
-            raise SessionBusy("the session has ended" if self.session.closed else "the speech stream has ended")
+            raise SpeechEnded("the session has ended" if self.session.closed else "the speech stream has ended")
         if not len(pcm):
             return
         s = self.session

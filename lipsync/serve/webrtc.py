@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 import audio
-from lipsync.serve.live import LiveOptions, LiveSession, SessionBusy, SpeechStream, Viewer
+from lipsync.serve.live import LiveOptions, LiveSession, SpeechEnded, SpeechStream, Viewer
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ async def listen(stream: SpeechStream, track) -> None:
                 return
             for out in resampler.resample(frame):
                 stream.push(out.to_ndarray().reshape(-1).astype(np.int16))   # (n,) int16, 16 kHz
-    except SessionBusy:          # the session ended
+    except SpeechEnded:          # the session ended
         return
     finally:
         stream.finish()

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 
 import audio
 from lipsync.serve.auth import deny, require_token
-from lipsync.serve.live import LiveSession, SessionBusy, SessionFull, SpeechStream
+from lipsync.serve.live import LiveSession, SessionBusy, SessionFull, SpeechEnded, SpeechStream
 from lipsync.serve.pcm import PcmDecoder, PcmFormatError, is_l16, parse_l16
 from lipsync.serve.sessions import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED,
                                     MAX_TEXT_BYTES)
@@ -196,7 +196,7 @@ async def speak_stream(session: LiveSession, request: Request, content_type: str
             await _room(session, stream)
         tail, leftover = decoder.flush()
         stream.push(tail)
-    except SessionBusy:
+    except SpeechEnded:
         raise ApiError(404, f"live session {session.sid} ended while its speech arrived") from None
     except ClientDisconnect:      # the sender went away: what arrived plays out; nobody reads an answer
         stream.finish()
@@ -272,7 +272,7 @@ async def speak_socket(ws: WebSocket, session_id: str, state: ServerState = Depe
                                              '{"type": "end"}; audio goes in binary messages', CLOSE_UNSUPPORTED)
                 await ws.send_text(json.dumps({"type": "end", **stream.finish()}))
                 return await ws.close(CLOSE_NORMAL)
-    except SessionBusy:
+    except SpeechEnded:
         return await _refuse(ws, f"live session {session_id} ended", CLOSE_GOING_AWAY)
     finally:
         stream.finish()
