@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds of an utterance rendered before it starts playing to WebRTC viewers")
     add("--connect_timeout", type=float, default=30.0,
         help="seconds a WebRTC viewer may take to connect after its offer was answered; later it is dropped")
+    add("--consent_timeout", type=float, default=30.0,
+        help="seconds after which a connected WebRTC viewer that stopped answering ICE consent checks (it vanished "
+             "without closing) is dropped; 30 is RFC 7675's expiry; shorter frees its slot and encoder sooner, but "
+             "drops viewers whose network pauses that long")
     add("--hold_mb", type=float, default=1024.0, help="decoded frames of an avatar kept in memory up to this many "
                                                       "MB (larger avatars are decoded per session)")
     add("--shutdown_timeout", type=float, default=30.0,
@@ -113,7 +117,7 @@ def check_args(args) -> None:
     if not 1 <= args.jpeg_quality <= 100:
         raise ServeError("--jpeg_quality must be 1-100")
     limits = ("max_upload_mb", "idle_timeout", "upload_timeout", "max_frame_pixels", "max_avatar_seconds",
-              "max_audio_seconds", "connect_timeout")
+              "max_audio_seconds", "connect_timeout", "consent_timeout")
     for name in limits:
         if not getattr(args, name) > 0:
             raise ServeError(f"--{name} must be positive")
@@ -183,7 +187,8 @@ def _serve(args) -> int:
                           max_avatar_seconds=args.max_avatar_seconds, max_audio_seconds=args.max_audio_seconds,
                           upload_timeout=args.upload_timeout, stream=options,
                           live=LiveOptions(max_viewers=args.max_viewers, lead=args.webrtc_lead,
-                                           connect_timeout=args.connect_timeout, ice_servers=tuple(args.ice_server),
+                                           connect_timeout=args.connect_timeout, consent_timeout=args.consent_timeout,
+                                           ice_servers=tuple(args.ice_server),
                                            ice_username=args.ice_username, ice_credential=args.ice_credential))
     state = ServerState(generator, config)
     if args.face_detector == "sfd":

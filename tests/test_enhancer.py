@@ -220,7 +220,7 @@ def test_inference_with_gfpgan(job, weights, tmp_path, monkeypatch):
         frames = []
         cfg = InferenceConfig(checkpoint_path=job["ckpt"], face=job["face"], audio=job["audio"], fps=5.0,
                               box=(40, 200, 60, 196), outfile=str(tmp_path / "out.mp4"), det_cache_dir="",
-                              progress=False, device="cpu", precision="fp32", **kw)
+                              progress=False, device="cpu", precision="fp32", mask="ellipse", **kw)
         summary = run_inference(cfg, frame_sink=lambda i, f: frames.append(f.copy()))
         return summary, frames
 

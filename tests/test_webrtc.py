@@ -125,6 +125,8 @@ class Watcher:
         assert len(self.video) >= video and len(self.audio) >= audio, (len(self.video), len(self.audio))
 
     def close(self):
+        if not self.thread.is_alive():      # closed already
+            return
         if self.pc is not None:
             self.call(self.pc.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -306,16 +308,16 @@ asyncio.run(main())
 """
 
 
-def test_a_vanished_peer_is_dropped_and_shutdown_ends_sessions(media, tmp_path, monkeypatch):
+def test_a_vanished_peer_is_dropped_and_shutdown_ends_sessions(media, tmp_path):
     """A viewer killed without a goodbye (no DTLS close) is dropped once ICE consent checks fail
-    (every 5 s, 6 failures by default; here shortened); the server's shutdown (SIGTERM) ends the live
-    sessions, and their viewers see the connection close."""
+    (every 5 s, 6 failures by default; here --consent_timeout 0.6: every 0.2 s, 3 failures); the
+    server's shutdown (SIGTERM) ends the live sessions, and their viewers see the connection close."""
     import aioice.ice
 
-    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.2)
-    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 2)
-    client = make_client(media, tmp_path)
+    assert (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES) == (5, 6)
+    client = make_client(media, tmp_path, live=LiveOptions(connect_timeout=2.0, consent_timeout=0.6))
     with client:
+        assert aioice.ice.CONSENT_INTERVAL == pytest.approx(0.2) and aioice.ice.CONSENT_FAILURES == 3
         state = client.app.state.server
         _, session = new_session(client, media)
         sid = session["session_id"]
@@ -343,6 +345,7 @@ def test_a_vanished_peer_is_dropped_and_shutdown_ends_sessions(media, tmp_path, 
             raise
     try:
         assert not state.sessions
+        assert (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES) == (5, 6)   # put back at shutdown
         wait_for(lambda: watcher.pc.connectionState in ("closed", "failed"), timeout=10)
     finally:
         watcher.close()

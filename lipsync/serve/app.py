@@ -37,17 +37,26 @@ from lipsync.serve.auth import TokenRequired, guarded, method_not_allowed, refus
 from lipsync.serve.avatar_store import AvatarInUse, AvatarNotFound
 from lipsync.serve.routes import avatars, jobs, live, page, stream
 from lipsync.serve.state import ApiError, ServerState, get_state
+from lipsync.serve.webrtc import WebRTCUnavailable, restore_consent, set_consent_timeout
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Before serving: remove unfinished uploads, warm the mel up; after: close the state (see
-    :meth:`ServerState.close`)."""
+    """Before serving: remove unfinished uploads, warm the mel up, set the WebRTC consent timeout;
+    after: close the state (see :meth:`ServerState.close`), put the consent timeout back."""
     state = app.state.server
     state.store.cleanup()
     await asyncio.to_thread(warm_up_mel)
-    yield
-    await state.close()
+    try:
+        consent = set_consent_timeout(state.config.live.consent_timeout)
+    except WebRTCUnavailable:
+        consent = None
+    try:
+        yield
+    finally:
+        await state.close()
+        if consent is not None:
+            restore_consent(consent)
 
 
 def create_app(state: ServerState) -> FastAPI:

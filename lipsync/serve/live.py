@@ -2,9 +2,11 @@
 
 A :class:`LiveSession` belongs to an avatar and outlives any one viewer. Speech is queued whole
 (:meth:`LiveSession.speak`: one utterance per call, its mel windows computed at once with
-:class:`lipsync.render.streaming.FrameWindows`, exactly the offline ones) and rendered by the
-session's :class:`lipsync.serve.render_feed.RenderFeed` (the one render path, the generator's
-forward queue), at most ``max_ahead`` frames ahead of what has been played.
+:class:`lipsync.render.streaming.FrameWindows`, exactly the offline ones) or as it arrives (a
+:class:`SpeechStream` from :meth:`LiveSession.open_stream`: a PCM body, a viewer's microphone; its
+windows computed piece by piece, the same ones) and rendered by the session's
+:class:`lipsync.serve.render_feed.RenderFeed` (the one render path, the generator's forward queue),
+at most ``max_ahead`` frames ahead of what has been played.
 
 One clock drives everything: a ticker at the avatar's fps. At tick ``n`` (time ``n / fps`` on the
 session's clock) every viewer receives one video frame and the audio of that frame period,
@@ -17,8 +19,9 @@ session's clock) every viewer receives one video frame and the audio of that fra
 
 An utterance starts playing once ``lead`` seconds of its frames (or all of them) are rendered; if
 the renderer falls behind mid-utterance the last frame is held with silence until it catches up
-(``stalls`` counts those ticks), so picture and sound never drift apart. :meth:`interrupt` drops
-every queued utterance at once: the next tick is idle and silent.
+(``stalls`` counts those ticks; a stream's audio arriving late too), so picture and sound never
+drift apart. :meth:`interrupt` drops every queued utterance at once: the next tick is idle and
+silent. A microphone's own viewer gets silence instead of its voice.
 
 This module knows nothing of WebRTC: a viewer is a :class:`Viewer` (two bounded queues that
 :mod:`lipsync.serve.webrtc`'s tracks read).
@@ -39,13 +42,14 @@ import numpy as np
 import audio
 from lipsync.render.avatar import Avatar
 from lipsync.render.engine import GenerateFn
-from lipsync.render.streaming import FrameWindows
+from lipsync.render.streaming import PCM_SCALE, FrameWindows, StreamError
 from lipsync.serve.render_feed import MAX_GROUP, RenderFeed
 from lipsync.serve.stream_output import FrameSink, IdleFrames, StreamOptions
 
 log = logging.getLogger(__name__)
 
 PCM_MAX = 32767
+LIVE_SLACK = 0.5     # seconds a real-time stream's playback may fall behind its lead before frames are skipped
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,9 @@ class LiveOptions:
     ``max_viewers``: viewers (peer connections) per session; more get 503. ``lead``: seconds of an
     utterance rendered before it starts playing. ``max_ahead``: frames rendered ahead of playback
     at most (bounds a session's memory). ``viewer_buffer``: ticks queued per viewer before the
-    oldest are dropped. ``connect_timeout``: seconds a viewer may take to connect. ``ice_servers``:
+    oldest are dropped. ``connect_timeout``: seconds a viewer may take to connect.
+    ``consent_timeout``: seconds after which a connected viewer that stopped answering ICE consent
+    checks (RFC 7675: it vanished without closing) is dropped. ``ice_servers``:
     STUN/TURN URLs (``stun:host:port``, ``turn:host:port``) with ``ice_username`` and
     ``ice_credential`` for the TURN ones.
     """
@@ -65,6 +71,7 @@ class LiveOptions:
     max_ahead: int = 100
     viewer_buffer: int = 10
     connect_timeout: float = 30.0
+    consent_timeout: float = 30.0
     ice_servers: Tuple[str, ...] = ()
     ice_username: Optional[str] = None
     ice_credential: Optional[str] = None
@@ -88,6 +95,7 @@ class Viewer:
         self.connected = False
         self.close: Optional[Callable[[], "asyncio.Future"]] = None   # set by whoever serves the viewer
         self.timer: Optional[asyncio.Task] = None                       # its connect timeout, if any
+        self.listener: Optional[asyncio.Task] = None                    # what reads its microphone, if any
 
     def push(self, tick: int, frame: np.ndarray, samples: np.ndarray) -> None:
         for q, item in ((self.video, (tick, frame)), (self.audio, (tick, samples))):
@@ -98,19 +106,161 @@ class Viewer:
 
 
 class _Utterance:
-    def __init__(self, uid: int, samples: np.ndarray, windows: np.ndarray):
-        self.uid = uid
-        self.pcm = np.round(np.clip(samples, -1.0, 1.0) * PCM_MAX).astype(np.int16)   # (n,) 16 kHz
-        self.windows = windows                   # (F, 80, 16) float32, one per frame
-        self.frames: Dict[int, np.ndarray] = {}  # rendered, not yet played
-        self.fed = 0                             # windows handed to the renderer
-        self.received = 0                        # frames back from it
-        self.played = 0                          # frames played
-        self.start_tick: Optional[int] = None
+    """One utterance: its 16 kHz int16 samples and one mel window per frame. A whole one (a file)
+    has them all at once; an ``open`` one (a :class:`SpeechStream`'s) grows as its audio arrives."""
 
-    @property
-    def n(self) -> int:
-        return len(self.windows)
+    def __init__(self, uid: int, pcm: Optional[np.ndarray] = None, windows: Optional[np.ndarray] = None,
+                 stream: Optional["SpeechStream"] = None):
+        self.uid = uid
+        self.stream = stream
+        self.source = stream.source if stream is not None else None   # the viewer whose microphone it is
+        self.realtime = stream is not None and stream.realtime
+        self.open = stream is not None           # more audio may come
+        self.dropped = False                     # interrupted
+        self._pcm: Deque[np.ndarray] = deque()   # (n,) int16 chunks, 16 kHz, from sample self._base on
+        self._base = 0
+        self.samples = 0
+        self._pending = np.zeros((0, audio.NUM_MELS, audio.MEL_STEP_SIZE), np.float32)  # (P, 80, 16) not fed
+        self.n = 0                               # windows known = frames of the utterance so far
+        self.frames: Dict[int, np.ndarray] = {}  # rendered, not yet played
+        self.fed = 0                             # windows handed to the renderer (or skipped)
+        self.received = 0                        # frames back from it
+        self.played = 0                          # frames played (or skipped)
+        self.start_tick: Optional[int] = None
+        if pcm is not None:
+            self.add(pcm, windows)
+
+    def add(self, pcm: Optional[np.ndarray], windows: np.ndarray) -> None:
+        """Append (n,) int16 samples and the (G, 80, 16) windows they completed."""
+        if pcm is not None and len(pcm):
+            self._pcm.append(pcm)
+            self.samples += len(pcm)
+        if len(windows):
+            self._pending = windows if not len(self._pending) else np.concatenate([self._pending, windows])
+            self.n += len(windows)
+
+    def take_windows(self, k: int) -> np.ndarray:
+        """The next ``k`` windows for the renderer, (k, 80, 16); windows of frames already skipped are dropped."""
+        behind = max(0, min(self.played - self.fed, len(self._pending)))
+        if behind:
+            self._pending, self.fed = self._pending[behind:], self.fed + behind
+        out, self._pending = self._pending[:k], self._pending[k:]
+        self.fed += len(out)
+        return out
+
+    def pcm(self, a: int, b: int) -> np.ndarray:
+        """Samples ``[a, b)`` of the utterance, (b - a,) int16, zero past what has arrived; samples
+        well before ``a`` are let go (playback only moves forward)."""
+        while self._pcm and self._base + len(self._pcm[0]) < a - audio.SAMPLE_RATE // 100:
+            self._base += len(self._pcm.popleft())
+        parts, pos = [], self._base
+        for chunk in self._pcm:
+            if pos >= b:
+                break
+            lo, hi = max(a - pos, 0), min(b - pos, len(chunk))
+            if hi > lo:
+                parts.append(chunk[lo:hi])
+            pos += len(chunk)
+        got = np.concatenate(parts) if parts else np.zeros(0, np.int16)
+        return got if len(got) == b - a else np.pad(got, (0, b - a - len(got)))
+
+
+class SessionBusy(Exception):
+    """A second speech stream (a PCM body or a microphone) for a session that already has one."""
+
+
+class SpeechEnded(Exception):
+    """Speech pushed into a stream that has ended, or whose session has."""
+
+
+class SpeechStream:
+    """Speech that arrives in pieces (an HTTP body of PCM, a viewer's microphone), spoken as it comes.
+
+    :meth:`push` takes (n,) int16 samples at 16 kHz; their mel windows are computed at once
+    (:class:`lipsync.render.streaming.FrameWindows`: frame ``k`` is final when the audio reaches
+    about ``k / fps + 0.2125`` s) and handed to the renderer, so the first frames render while the
+    rest of the audio is still on its way. The pieces form an open utterance in the session's queue.
+    When playback has caught up with the audio and the next piece is overdue (the last one's
+    arrival plus its duration plus ``--idle_grace``), the utterance is closed (its last 0.2 s of
+    frames completed as at the end of a file) and the face goes idle; the next piece opens a new
+    utterance. :meth:`LiveSession.interrupt` drops the open utterance too; the next piece opens a
+    new one. :meth:`finish` ends the stream.
+
+    ``source``: the viewer id whose microphone this is (that viewer hears silence instead of its own
+    voice), or None. ``realtime``: the audio comes at the pace it is spoken (a microphone): when
+    playback falls more than ``LIVE_SLACK`` seconds behind it (stalls add up), frames are skipped to
+    catch up, so the delay stays bounded.
+    """
+
+    def __init__(self, session: "LiveSession", source: Optional[str], realtime: bool):
+        self.session = session
+        self.source = source
+        self.realtime = realtime
+        self.current: Optional[_Utterance] = None
+        self.windows: Optional[FrameWindows] = None
+        self.due = time.monotonic()               # when the next piece is expected
+        self.samples = 0                          # over the stream
+        self.uids: list = []                      # its utterances
+        self.frames = 0                           # their frames
+        self.closed = False
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Add (n,) int16 samples at 16 kHz (from the event loop); raises SpeechEnded once the stream or
+        its session has ended."""
+        if self.closed or self.session.closed:
+            raise SpeechEnded("the session has ended" if self.session.closed else "the speech stream has ended")
+        if not len(pcm):
+            return
+        s = self.session
+        u = self.current
+        if u is None or u.dropped or not u.open:
+            u = self.current = _Utterance(next(s._uids), stream=self)
+            self.windows = FrameWindows(s.fps)
+            self.uids.append(u.uid)
+            s.utterances.append(u)
+        windows = self.windows.push(pcm.astype(np.float32) / PCM_SCALE)        # (G, 80, 16)
+        u.add(pcm, windows)
+        self.frames += len(windows)
+        self.samples += len(pcm)
+        now = time.monotonic()
+        self.due = max(now, self.due) + len(pcm) / audio.SAMPLE_RATE
+        s.last_active = now
+        s._feed()
+
+    def overdue(self, grace: float) -> bool:
+        """Whether the next piece is later than expected by more than ``grace`` seconds (negative: never)."""
+        return grace >= 0 and time.monotonic() > self.due + grace
+
+    def cut(self) -> None:
+        """Close the open utterance: its last frames complete as at the end of a file (one too short
+        for a single frame, under 0.1875 s, is dropped)."""
+        u, self.current = self.current, None
+        if u is None or not u.open:
+            return
+        u.open = False
+        if u.dropped:
+            return
+        try:
+            tail = self.windows.finish()
+        except StreamError:
+            tail = np.zeros((0, audio.NUM_MELS, audio.MEL_STEP_SIZE), np.float32)
+        u.add(None, tail)
+        self.frames += len(tail)
+        s = self.session
+        if u.n == 0 and u in s.utterances:
+            s.utterances.remove(u)
+        s._feed()
+
+    def finish(self) -> dict:
+        """End the stream (idempotent): what is queued plays out. Returns ``{"utterances": [ids],
+        "frames", "seconds"}`` (frames of its utterances, seconds of audio received)."""
+        if not self.closed:
+            self.cut()
+            self.closed = True
+            if self.session.speech is self:
+                self.session.speech = None
+        return {"utterances": list(self.uids), "frames": self.frames,
+                "seconds": round(self.samples / audio.SAMPLE_RATE, 3)}
 
 
 class LiveSession:
@@ -142,6 +292,8 @@ class LiveSession:
         self.stalls = 0                      # ticks an utterance waited for its next frame
         self.spoken = 0                      # utterances played to the end
         self.interrupted = 0                 # utterances dropped by interrupt()
+        self.skipped = 0                     # frames of a real-time stream skipped to catch up with it
+        self.speech: Optional[SpeechStream] = None   # the one speech stream (PCM body or microphone), if any
         self.last_active = time.monotonic()  # last viewer or speech (the idle timeout counts from here)
         self.closed = False
         self.error: Optional[str] = None
@@ -160,7 +312,7 @@ class LiveSession:
         return self._fed - self._drained > self.feed.produced and not self.feed.cancel.is_set()
 
     def queued_seconds(self) -> float:
-        """Seconds of speech queued and not yet played."""
+        """Seconds of speech queued and not yet played (of an open utterance: what has arrived)."""
         return sum(u.n - u.played for u in self.utterances) / self.fps
 
     def describe(self) -> dict:
@@ -172,7 +324,9 @@ class LiveSession:
         return {"session_id": self.sid, "avatar_id": self.avatar_id, "fps": self.fps, "width": w, "height": h,
                 "viewers": len(self.viewers),
                 "speaking": speaking, "queued_seconds": round(self.queued_seconds(), 3), "spoken": self.spoken,
-                "interrupted": self.interrupted, "stalls": self.stalls, "ticks": self.tick}
+                "interrupted": self.interrupted, "stalls": self.stalls, "skipped": self.skipped, "ticks": self.tick,
+                "speech_stream": None if self.speech is None else
+                ("microphone of " + self.speech.source if self.speech.source else "pcm")}
 
     # ---- control (event loop) ------------------------------------------------------------------
     async def start(self) -> None:
@@ -214,16 +368,31 @@ class LiveSession:
             return np.concatenate(parts)                     # (F, 80, 16)
 
         windows = await asyncio.to_thread(windows_of)
-        u = _Utterance(next(self._uids), samples, windows)
+        pcm = np.round(np.clip(samples, -1.0, 1.0) * PCM_MAX).astype(np.int16)   # (n,) 16 kHz
+        u = _Utterance(next(self._uids), pcm, windows)
         self.utterances.append(u)
         self.last_active = time.monotonic()
         self._feed()
         return {"utterance": u.uid, "frames": u.n, "seconds": round(seconds, 3), "starts_after": round(ahead, 3)}
 
+    def open_stream(self, source: Optional[str] = None, realtime: bool = False) -> SpeechStream:
+        """A :class:`SpeechStream` into this session's speech; raises SessionBusy when the session
+        already has one (one PCM body or microphone at a time)."""
+        if self.closed:
+            raise SessionBusy("the session has ended")
+        if self.speech is not None:
+            raise SessionBusy(f"this session already takes speech from {self.describe()['speech_stream']}; one "
+                              "speech stream (a PCM body or a microphone) at a time")
+        self.speech = SpeechStream(self, source, realtime)
+        self.last_active = time.monotonic()
+        return self.speech
+
     def interrupt(self) -> int:
-        """Drop every queued utterance (the one playing too): the next tick is idle and silent.
-        Returns how many were dropped."""
+        """Drop every queued utterance (the one playing too, and what a speech stream has sent so far):
+        the next tick is idle and silent. Returns how many were dropped."""
         n = len(self.utterances)
+        for u in self.utterances:
+            u.dropped = True
         self.utterances.clear()
         self._drained += self.feed.drain()
         self.interrupted += n
@@ -243,6 +412,8 @@ class LiveSession:
         if self.closed:
             return
         self.closed = True
+        if self.speech is not None:
+            self.speech.finish()
         self.feed.stop()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
@@ -272,7 +443,8 @@ class LiveSession:
     def _arrived(self, uid: int, frame: np.ndarray) -> None:
         for u in self.utterances:
             if u.uid == uid:
-                u.frames[u.received] = frame
+                if u.received >= u.played:       # else a frame skipped to catch up: dropped
+                    u.frames[u.received] = frame
                 u.received += 1
                 return
         # an interrupted utterance's frame: dropped
@@ -280,15 +452,16 @@ class LiveSession:
     # ---- the clock (event loop) ----------------------------------------------------------------
     def _feed(self) -> None:
         """Hand windows to the renderer, up to ``max_ahead`` frames past what has been played."""
-        ahead = sum(u.fed - u.played for u in self.utterances)
+        ahead = sum(max(0, u.fed - u.played) for u in self.utterances)
         for u in self.utterances:
             while u.fed < u.n and ahead < self.options.max_ahead:
-                k = min(u.n - u.fed, MAX_GROUP, self.options.max_ahead - ahead)
-                self.feed.put(u.windows[u.fed:u.fed + k], tag=u.uid)
-                u.fed += k
-                self._fed += k
-                ahead += k
-            if u.fed < u.n:
+                windows = u.take_windows(min(MAX_GROUP, self.options.max_ahead - ahead))
+                if not len(windows):
+                    break
+                self.feed.put(windows, tag=u.uid)
+                self._fed += len(windows)
+                ahead += len(windows)
+            if u.fed < u.n or u.open:
                 return
 
     def _samples_of(self, tick: int) -> Tuple[int, int]:
@@ -296,31 +469,50 @@ class LiveSession:
         sr = audio.SAMPLE_RATE
         return round(tick * sr / self.fps), round((tick + 1) * sr / self.fps)
 
-    def _next(self) -> Tuple[np.ndarray, np.ndarray]:
-        """This tick's frame and samples (see the module's docstring)."""
+    def _next(self) -> Tuple[np.ndarray, np.ndarray, Optional[str]]:
+        """This tick's frame, samples and the viewer whose microphone they are (see the module's docstring)."""
         a, b = self._samples_of(self.tick)
+        silence = np.zeros(b - a, np.int16)
         u = self.utterances[0] if self.utterances else None
+        lead = max(1, int(round(self.options.lead * self.fps)))
         if u is not None and u.start_tick is None:
-            lead = min(u.n, max(1, int(round(self.options.lead * self.fps))))
-            if all(k in u.frames for k in range(lead)):
+            if u.open and u.stream.overdue(self.stream.idle_grace):
+                u.stream.cut()                         # a stream that paused before its first frames
+                u = self.utterances[0] if self.utterances else None
+        if u is not None and u.start_tick is None:
+            need = lead if u.open else min(u.n, lead)
+            if need and u.received >= need:
                 u.start_tick = self.tick
         if u is None or u.start_tick is None:
-            return self._idle_frame(), np.zeros(b - a, np.int16)
+            return self._idle_frame(), silence, None
+        if u.realtime:                                 # keep a live voice's delay bounded: skip what it is behind by
+            behind = u.n - u.played - lead - int(round(LIVE_SLACK * self.fps))
+            if behind > 0:
+                for k in range(u.played, u.played + behind):
+                    u.frames.pop(k, None)
+                u.played += behind
+                u.start_tick -= behind
+                self.skipped += behind
         frame = u.frames.pop(u.played, None)
-        if frame is None:                              # the renderer is behind: hold, in silence
+        if frame is None:                              # the renderer (or a stream's audio) is behind: hold, in silence
+            if u.open and u.played >= u.n and u.stream.overdue(self.stream.idle_grace):
+                u.stream.cut()                         # the stream paused: its last frames, then idle
+            if not u.open and u.played >= u.n:         # cut with nothing left to play
+                self.utterances.popleft()
+                self.spoken += 1
+                return self._idle_frame(), silence, None
             self.stalls += 1
             u.start_tick += 1
-            return self._last, np.zeros(b - a, np.int16)
+            return (self._last if self._last is not None else self._idle_frame()), silence, u.source
         a0, _ = self._samples_of(u.start_tick)
-        pcm = u.pcm[a - a0:b - a0]
-        samples = pcm if len(pcm) == b - a else np.pad(pcm, (0, b - a - len(pcm)))
+        samples = u.pcm(a - a0, b - a0)
         u.played += 1
         self._pause = 0
-        if u.played == u.n:
+        if u.played == u.n and not u.open:
             self.utterances.popleft()
             self.spoken += 1
         self._last = frame
-        return frame, samples
+        return frame, samples, u.source
 
     def _idle_frame(self) -> np.ndarray:
         frames = self.avatar.frames
@@ -342,10 +534,11 @@ class LiveSession:
                     await asyncio.sleep(wait)
                 elif wait < -1.0:                     # over a second behind (a stalled loop): start over
                     t0 = time.monotonic() - self.tick * period
-                frame, samples = self._next()
+                frame, samples, source = self._next()
                 self._feed()
                 for viewer in list(self.viewers.values()):
-                    viewer.push(self.tick, frame, samples)
+                    # a viewer never hears its own microphone back (an echo, 0.4 s late)
+                    viewer.push(self.tick, frame, np.zeros_like(samples) if viewer.viewer_id == source else samples)
                 self.tick += 1
                 if self._expired():
                     self.fail(f"no viewer and no speech for {self.stream.idle_timeout:g} s: the session is closed")

@@ -7,6 +7,14 @@ samples of that frame period (the Opus encoder resamples to 48 kHz). Both leave 
 tick happens, so the RTCP sender reports of the two streams map their timestamps to the same wall
 clock and the browser plays them in sync.
 
+The microphone in: an offer whose audio transceiver the browser sends on (``sendrecv``, or
+``sendonly``: the page added the microphone's track) makes that track the session's speech, a
+real-time :class:`lipsync.serve.live.SpeechStream` (one per session: a second gets SessionBusy).
+Its Opus audio (48 kHz) is resampled to 16 kHz mono (FFmpeg's resampler, through PyAV) as it
+arrives; the avatar's mouth follows it about ``--webrtc_lead`` + 0.2 s later, the other viewers
+hear it with the picture, and the viewer who sends it hears silence (not its own voice, late).
+Video the browser offers to send is declined (the answer is ``sendonly`` for video).
+
 aiortc is optional (``pip install -r requirements-webrtc.txt``); :func:`require_aiortc` says so when
 it is missing.
 """
@@ -16,12 +24,12 @@ import asyncio
 import contextlib
 import fractions
 import logging
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 import audio
-from lipsync.serve.live import LiveOptions, LiveSession, Viewer
+from lipsync.serve.live import LiveOptions, LiveSession, SpeechEnded, SpeechStream, Viewer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,33 @@ def require_aiortc():
         raise WebRTCUnavailable(f"WebRTC needs the aiortc package, which is not installed: {INSTALL} "
                                 f"({type(exc).__name__}: {exc})") from None
     return aiortc
+
+
+def set_consent_timeout(seconds: float) -> Tuple[float, int]:
+    """Make a peer that stops answering ICE consent checks (RFC 7675) count as gone after about
+    ``seconds`` (+-20%: aioice randomizes the interval) instead of aioice's 30 (a check every 5 s,
+    6 failures). Checks are every ``min(5, seconds / 3)`` s; the peer is gone after
+    ``round(seconds / interval)`` unanswered ones in a row. aioice reads these from module
+    constants at every check, so this holds for every connection of the process. Returns the
+    previous ``(interval, failures)`` (for :func:`restore_consent`). Raises WebRTCUnavailable
+    without aiortc, ValueError for ``seconds <= 0``."""
+    require_aiortc()
+    import aioice.ice
+
+    if not seconds > 0:
+        raise ValueError(f"the consent timeout must be positive, got {seconds}")
+    before = (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES)
+    interval = min(5.0, seconds / 3)
+    aioice.ice.CONSENT_INTERVAL = interval
+    aioice.ice.CONSENT_FAILURES = max(1, round(seconds / interval))
+    return before
+
+
+def restore_consent(before: Tuple[float, int]) -> None:
+    """Undo :func:`set_consent_timeout` (``before``: what it returned)."""
+    import aioice.ice
+
+    aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES = before
 
 
 def ice_servers(options: LiveOptions) -> List[dict]:
@@ -119,13 +154,36 @@ def _tracks(viewer: Viewer, fps: float):
     return Video("video", viewer.video), Audio("audio", viewer.audio)
 
 
-async def answer(session: LiveSession, sdp: str, kind: str) -> dict:
-    """Answer a viewer's SDP offer for ``session``: ``{"sdp", "type": "answer", "viewer_id"}``.
+async def listen(stream: SpeechStream, track) -> None:
+    """Feed a remote audio track (av.AudioFrame of any rate and layout, Opus: 48 kHz stereo) to
+    ``stream`` as 16 kHz mono int16 until the track ends; then finish the stream."""
+    import av
+    from aiortc.mediastreams import MediaStreamError
 
-    Raises WebRTCUnavailable without aiortc, SessionFull beyond the session's viewers, ValueError
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=audio.SAMPLE_RATE)
+    try:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            for out in resampler.resample(frame):
+                stream.push(out.to_ndarray().reshape(-1).astype(np.int16))   # (n,) int16, 16 kHz
+    except SpeechEnded:          # the session ended
+        return
+    finally:
+        stream.finish()
+
+
+async def answer(session: LiveSession, sdp: str, kind: str) -> dict:
+    """Answer a viewer's SDP offer for ``session``: ``{"sdp", "type": "answer", "viewer_id",
+    "microphone": bool}`` (whether the offer's audio track became the session's speech).
+
+    Raises WebRTCUnavailable without aiortc, SessionFull beyond the session's viewers, SessionBusy
+    for an offer sending a microphone to a session that already takes a speech stream, ValueError
     for an offer aiortc cannot use (not an offer, no audio or video to receive). The viewer is
     removed when its connection fails or closes, or when it has not connected within
-    ``connect_timeout`` seconds (a peer that vanished).
+    ``connect_timeout`` seconds (a peer that vanished); its microphone stream ends with it.
     """
     aiortc = require_aiortc()
     if kind != "offer":
@@ -134,9 +192,28 @@ async def answer(session: LiveSession, sdp: str, kind: str) -> dict:
     servers = [aiortc.RTCIceServer(**entry) for entry in ice_servers(opts)]
     viewer = session.subscribe()
     pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=servers))
+    incoming: list = []                  # the tracks the offer sends
+    pc.on("track", incoming.append)
+    speech: Optional[SpeechStream] = None
+    listener: Optional[asyncio.Task] = None
+
+    closing: Optional[asyncio.Future] = None
 
     async def close():
+        # once, in a task of its own: a caller cancelled midway (the connect timer, a request) must not
+        # cut the peer connection's close short (aiortc would keep its ICE transport's task forever)
+        nonlocal closing
+        if closing is None:
+            closing = asyncio.ensure_future(shut())
+        await asyncio.shield(closing)
+
+    async def shut():
         session.unsubscribe(viewer)
+        for task in (listener, viewer.timer):
+            if task is not None:
+                task.cancel()
+        if speech is not None:
+            speech.finish()
         await pc.close()
 
     viewer.close = close
@@ -164,12 +241,22 @@ async def answer(session: LiveSession, sdp: str, kind: str) -> dict:
         kinds = {t.kind for t in pc.getTransceivers() if t.direction in ("sendonly", "sendrecv")}
         if not {"audio", "video"} & kinds:
             raise ValueError("the offer receives neither audio nor video (add recvonly transceivers)")
+        sent = {track.kind for track in incoming}
+        for t in pc.getTransceivers():
+            if t.kind == "video" and "video" in sent:
+                t.direction = "sendonly"           # the browser's camera: declined, never decoded
+        mic = next((track for track in incoming if track.kind == "audio"), None)
+        if mic is not None:
+            speech = session.open_stream(source=viewer.viewer_id, realtime=True)
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception:
         await close()
         raise
     viewer.timer = session.loop.create_task(give_up())   # held: the loop keeps only weak references to tasks
-    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "viewer_id": viewer.viewer_id}
+    if mic is not None:
+        listener = viewer.listener = session.loop.create_task(listen(speech, mic))
+    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "viewer_id": viewer.viewer_id,
+            "microphone": mic is not None}
 
 
 async def close_viewer(session: LiveSession, viewer_id: str) -> bool:
