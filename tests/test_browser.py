@@ -124,7 +124,7 @@ def test_upload_a_photo_and_play_it(browser, server, assets):
     new_id = made.pop()
     assert browser.find_element(By.ID, "avatar").get_attribute("value") == new_id
     assert new_id in browser.find_element(By.ID, "status").text
-    play(browser, assets["short"], new_id)
+    play(browser, assets["short"], new_id, buffer_ms=500)   # frames late on a loaded machine are skipped, not drawn
     assert_talked(browser, frames_for(assets["short"]))
     assert counter(browser, "frames-drawn") >= 10
     assert errors_logged(browser) == []
