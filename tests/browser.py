@@ -1,6 +1,7 @@
 """What the browser tests share: Debian's headless Chromium driven by selenium (chromedriver), with
 autoplay allowed and the fake capture device (a wav file as the microphone), and the page's status
 line (``#status``, whose ``data-state`` the page sets) to wait on."""
+import contextlib
 import importlib.util
 import shutil
 import tempfile
@@ -13,6 +14,29 @@ CHROMIUM_FLAGS = (
     "--autoplay-policy=no-user-gesture-required",
     "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",   # the microphone: a wav file
 )
+
+
+PHOTO_BOX = "40 200 60 196"  # top bottom left right of the face in the tests' 256x256 photo
+
+
+@contextlib.contextmanager
+def page_server(assets):
+    """A ``serve.py`` (tests.serving.Server) with ``assets["ckpt"]``, avatars and log under
+    ``assets["dir"]``; stopped on exit."""
+    from serving import Server
+
+    server = Server(assets["ckpt"], assets["dir"] / "avatars", assets["dir"] / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def photo_avatar(server, photo) -> str:
+    """The avatar id of ``photo`` uploaded to ``server`` with the face at PHOTO_BOX."""
+    response = server.upload(photo, box=PHOTO_BOX)
+    assert response.status_code == 201, response.text
+    return response.json()["avatar_id"]
 
 
 def missing():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import audio
-from browser import chromium, errors_logged, missing, state, wait_state
+from browser import PHOTO_BOX as BOX, chromium, errors_logged, missing, page_server, photo_avatar, state, wait_state
 from media import photo_and_speech
 from serving import Server, get_json, tiny_checkpoint
 
@@ -20,7 +20,6 @@ if missing():
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-BOX = "40 200 60 196"  # top bottom left right of the face in the 256x256 photo
 FPS = 25.0
 
 
@@ -33,18 +32,13 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(assets):
-    s = Server(assets["ckpt"], assets["dir"] / "avatars", assets["dir"] / "server.log")
-    try:
+    with page_server(assets) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def avatar_id(server, assets):
-    response = server.upload(assets["photo"], box=BOX)
-    assert response.status_code == 201, response.text
-    return response.json()["avatar_id"]
+    return photo_avatar(server, assets["photo"])
 
 
 @pytest.fixture(scope="module")

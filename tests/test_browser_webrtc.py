@@ -15,7 +15,7 @@ import base64
 import pytest
 
 import audio
-from browser import chromium, errors_logged, missing, state, wait_state
+from browser import PHOTO_BOX as BOX, chromium, errors_logged, missing, page_server, photo_avatar, state, wait_state
 from media import photo_and_speech
 from serving import Server, tiny_checkpoint
 
@@ -27,7 +27,6 @@ if missing():
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-BOX = "40 200 60 196"      # top bottom left right of the face in the 256x256 photo
 MOUTH = (60, 120, 136, 80)  # x, y, width, height: the lower half of the face box, where the mouth is
 FPS = 25.0
 TALK_DIFF = 12.0           # mean absolute difference (grey levels) from the photo above which a frame talks
@@ -98,18 +97,13 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(assets):
-    s = Server(assets["ckpt"], assets["dir"] / "avatars", assets["dir"] / "server.log")
-    try:
+    with page_server(assets) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def avatar_id(server, assets):
-    response = server.upload(assets["photo"], box=BOX)
-    assert response.status_code == 201, response.text
-    return response.json()["avatar_id"]
+    return photo_avatar(server, assets["photo"])
 
 
 @pytest.fixture(scope="module")
