@@ -9,7 +9,7 @@ clock and the browser plays them in sync.
 
 The microphone in: an offer whose audio transceiver the browser sends on (``sendrecv``, or
 ``sendonly``: the page added the microphone's track) makes that track the session's speech, a
-real-time :class:`lipsync.serve.live.SpeechStream` (one per session: a second gets SessionBusy).
+real-time :class:`lipsync.serve.speech.SpeechStream` (one per session: a second gets SessionBusy).
 Its Opus audio (48 kHz) is resampled to 16 kHz mono (FFmpeg's resampler, through PyAV) as it
 arrives; the avatar's mouth follows it about ``--webrtc_lead`` + 0.2 s later, the other viewers
 hear it with the picture, and the viewer who sends it hears silence (not its own voice, late).
@@ -29,7 +29,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 import audio
-from lipsync.serve.live import LiveOptions, LiveSession, SpeechEnded, SpeechStream, Viewer
+from lipsync.serve.live import LiveOptions, LiveSession, Viewer
+from lipsync.serve.speech import SpeechEnded, SpeechStream
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from starlette.requests import ClientDisconnect
 
 import audio
 from lipsync.serve.auth import deny, require_token
-from lipsync.serve.live import LiveSession, SessionBusy, SessionFull, SpeechEnded, SpeechStream
+from lipsync.serve.live import LiveSession, SessionFull
+from lipsync.serve.speech import SessionBusy, SpeechEnded, SpeechStream
 from lipsync.serve.pcm import PcmDecoder, PcmFormatError, is_l16, parse_l16
 from lipsync.serve.sessions import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED,
                                     MAX_TEXT_BYTES)
@@ -166,7 +167,7 @@ async def speak_stream(session: LiveSession, request: Request, content_type: str
     """Speak a raw PCM body as it arrives; 202 ``{"utterances": [ids], "frames", "seconds"}`` once it
     has ended (frames of its utterances, seconds of audio received).
 
-    Each chunk's samples go to the session's :class:`lipsync.serve.live.SpeechStream` at once, so the
+    Each chunk's samples go to the session's :class:`lipsync.serve.speech.SpeechStream` at once, so the
     first frames render and play while the rest of the body is on its way. The body is read only
     while less than ``max_ahead`` frames of speech wait to be played (a client sending faster than
     real time is held back by TCP). Errors: 415 for a bad ``audio/L16`` Content-Type (nothing
