@@ -36,7 +36,8 @@ def import_dlib():
     try:
         import dlib
     except ImportError:
-        raise DetectorError(f"the dlib face detectors need the dlib package: {PIP_FACES}") from None
+        raise DetectorError(f"dlib is not installed (the dlib_hog and dlib_cnn detectors and the landmark mask need it): "
+                            f"{PIP_FACES}") from None
     return dlib
 
 

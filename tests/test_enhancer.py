@@ -248,6 +248,11 @@ def test_cli_refusals_are_one_error_line(job, weights, tmp_path, capsys):
          "fidelity, in \\[0, 1\\]"),
         (["--enhancer", "gfpgan", "--enhancer_path", weights["gfpgan"], "--preset", "published"],
          "--preset published"),
+        (["--enhancer_path", weights["gfpgan"]], "give --enhancer gfpgan or codeformer too"),
+        (["--enhancer_weight", "0.3"], "give --enhancer gfpgan or codeformer too"),
+        (["--enhancer", "gfpgan", "--enhancer_path", weights["gfpgan"], "--enhancer_weight", "0.3"],
+         "GFPGAN has none"),
+        (["--enhancer", "gfpgan", "--save_avatar", str(tmp_path / "avatar")], "get GFPGANv1.4.pth"),
     ]
     for extra, message in cases:
         assert inference.main(base + extra) == 2

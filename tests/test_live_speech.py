@@ -193,6 +193,13 @@ def test_a_pcm_body_is_spoken_as_it_arrives(assets, tmp_path, loud):
             ws.send(b"\0\0\0")
             error = json.loads(ws.recv(timeout=10))
             assert error["type"] == "error" and "odd" in error["message"], error
+        for sent in ([b"\0\0" * 500], []):        # audio too short for a frame, or none: refused as a body is
+            with connect(ws_url, additional_headers=AUTH) as ws:
+                for data in sent:
+                    ws.send(data)
+                ws.send(json.dumps({"type": "end"}))
+                error = json.loads(ws.recv(timeout=10))
+                assert error["type"] == "error" and "too short" in error["message"], error
         with pytest.raises(InvalidStatus) as refused:
             with connect(ws_url.replace(sid, "live-000000000000"), additional_headers=AUTH):
                 pass

@@ -235,6 +235,11 @@ def test_file_types_are_judged_by_content(media, tmp_path):
                                files={"audio": ("a.wav", a), "face": ("f.mp4", f)})
         assert both.status_code == 422
         assert client.post("/v1/lipsync", data={"avatar_id": avatar_id}).status_code == 422
+        for field, value in (("target_face", "0"), ("box", BOX), ("fps", "10")):  # an avatar keeps its own
+            with open(media["tone"], "rb") as a:
+                r = client.post("/v1/lipsync", data={"avatar_id": avatar_id, field: value},
+                                files={"audio": ("a.wav", a)})
+            assert r.status_code == 422 and repr(field) in r.json()["detail"], r.text
         with open(media["tone"], "rb") as a:
             assert client.post("/v1/lipsync", files={"audio": ("a.wav", a)}).status_code == 422
         assert client.get("/healthz").status_code == 200

@@ -74,6 +74,34 @@ def test_largest_is_each_frames_best_face():
     assert [other.step([] if f is None else [f]) for f in boxes] == [face(10).box, None, None, None]
 
 
+def test_tracked_largest_stays_on_its_face_and_finds_it_again():
+    # outside parity mode largest follows the face it picked, whichever the detector ranks first
+    tracker = FaceTracker("largest", track_largest=True)
+    frames = [[face(10), face(300)], [face(300), face(14)], [face(305), face(18)], [face(310)],
+              [face(312), face(120)], [face(316), face(124)]]
+    out = [tracker.step(f) for f in frames]
+    # frame 3: its face is missed while the other is seen: passed through, the other never taken;
+    # frame 4: a face no track knows appears (the chosen one, moved while unseen): taken again
+    assert out == [face(10).box, face(14).box, face(18).box, None, face(120).box, face(124).box]
+    assert FaceTracker("largest").step([face(300), face(14)]) == face(300).box   # parity: each frame's best
+
+
+@needs_dlib
+def test_default_largest_keeps_one_of_two_faces():
+    """The two-face scene with the flags' defaults: every box on the same face; parity mode keeps the
+    published per-frame rule, which jumps between the two here (their scores cross)."""
+    video = make_video("two_faces", 12)
+
+    def chosen_faces(flags):
+        detection = settings_from_flags({"face_detector": "dlib_hog", "det_every": 1, **flags}).detection
+        boxes = FaceFinder(detection, "cpu").run(iter(video.frames))
+        assert all(b is not None for b in boxes)
+        return {max(range(2), key=lambda k: box_iou(b, truth[k].box)) for b, truth in zip(boxes, video.faces)}
+
+    assert len(chosen_faces({})) == 1
+    assert chosen_faces({"blend": "none", "loop": "repeat"}) == {0, 1}
+
+
 def test_setting_is_declared_once():
     from inference import build_parser
 
@@ -235,3 +263,13 @@ def test_inference_summary_names_the_detector_and_the_mask(tmp_path):
     summary = run_inference(cfg)
     assert summary.mask == "landmarks" and summary.detector == "dlib_hog face detector"
     assert "(dlib_hog face detector, mask landmarks)" in summary.line()
+
+
+@needs_dlib
+def test_a_face_number_beyond_the_faces_found_says_so(tmp_path):
+    from lipsync.render.avatar import AvatarError
+
+    path = write_video(tmp_path / "two.mp4", make_video("two_faces", 2).frames)
+    settings = settings_from_flags({"face_detector": "dlib_hog", "target_face": "5", "det_every": 1})
+    with pytest.raises(AvatarError, match="no frame of .* has a face number 5"):
+        prepare_avatar(path, settings, 96, cache=None, progress=False)

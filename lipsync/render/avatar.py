@@ -21,6 +21,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import face_detection
 from lipsync.render.blending import cut_crop
 from lipsync.render.boxes import (Coords, DetectionCache, FaceFinder, array_to_boxes, coords_from_detections,
                                   dets_to_array)
@@ -31,6 +32,7 @@ from lipsync.core.progress import progress_bar
 from lipsync.core.fileio import current_umask, file_sha256
 from lipsync.render.avatar_settings import AvatarSettings
 from lipsync.render.settings import NO_BOX
+from lipsync.render.tracking import target_rule
 
 AVATAR_FORMAT = "wav2lip-avatar"
 AVATAR_VERSION = 2  # 2: avatar.json carries its own checksum ("meta_sha256")
@@ -136,8 +138,14 @@ def prepare_avatar(face: str, settings: AvatarSettings, img_size: int, device="c
         coords = coords_from_detections(dets, source.first_frame().shape[:2], settings.pads,
                                         smooth=not settings.nosmooth)
         if all(c is None for c in coords):
+            kind, n = target_rule(settings.detection.target)
+            if kind == "index":
+                raise AvatarError(f"--target_face {n}: no frame of {face!r} has a face number {n} (faces are "
+                                  "numbered 0, 1, ... from the left on the first frame with faces); give a "
+                                  "smaller number, or X,Y of the face")
             raise AvatarError(f"no face found in any frame of {face!r}: give the face box with "
-                              "--box TOP BOTTOM LEFT RIGHT, or try the other --face_detector")
+                              "--box TOP BOTTOM LEFT RIGHT, or try another --face_detector "
+                              f"({', '.join(face_detection.BACKENDS)})")
         avatar = Avatar(source, settings, img_size, coords, key, from_cache=cached)
     if with_crops:
         avatar.crops = _cut_all(avatar, timings, progress)

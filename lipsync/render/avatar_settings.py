@@ -56,7 +56,8 @@ def settings_from_flags(flags: Mapping[str, Any]) -> AvatarSettings:
     """The avatar settings of inference flag values (``flags`` by flag name; one left out takes its
     default), auto resolved: ``det_every`` None is 1 in parity mode, else every
     ``DEFAULT_DET_EVERY``-th frame; ``det_scale`` 0 is full size in parity mode (else 0: by the frame
-    size); S3FD runs in fp16 outside parity mode unless the precision asked for is fp32 or bf16.
+    size); S3FD runs in fp16 outside parity mode unless the precision asked for is fp32 or bf16, and
+    ``target_face largest`` is tracked outside parity mode (each frame's best face in it).
     Raises SettingError for flags that contradict their ``preset``."""
     values = with_preset({**DEFAULTS, **flags})
     parity = is_published(values)
@@ -65,7 +66,8 @@ def settings_from_flags(flags: Mapping[str, Any]) -> AvatarSettings:
     if values["det_scale"] <= 0 and parity:
         values["det_scale"] = 1.0
     half = not parity and (values["precision"] in ("fp16", "auto") or values["half"])
-    return _assemble(values, s3fd_path=values["s3fd_path"], batch_size=values["face_det_batch_size"], half=half)
+    return _assemble(values, s3fd_path=values["s3fd_path"], batch_size=values["face_det_batch_size"], half=half,
+                     track_largest=not parity)
 
 
 def _is_detection(setting) -> bool:

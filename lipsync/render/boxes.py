@@ -47,6 +47,7 @@ class DetectionSettings:
     jump_iou: float = DEFAULTS["det_jump_iou"]
     half: bool = False  # S3FD in fp16 (CUDA)
     target: str = DEFAULTS["target_face"]
+    track_largest: bool = False  # target largest followed through the video (outside parity mode)
 
     def resolved_scale(self, frame_hw: Tuple[int, int]) -> float:
         if self.scale > 0:
@@ -57,8 +58,10 @@ class DetectionSettings:
         """What the boxes depend on (the detector's weights file and the chosen face included), for cache
         keys and avatars."""
         parts = [self.detector, self.scale, self.every, self.jump_iou] + self.weights()
-        if self.target != LARGEST:  # largest keeps the keys (and cached boxes) of before the rule existed
+        if self.target != LARGEST:  # largest per frame keeps the keys (and cached boxes) of before the rule existed
             parts.append(("target", self.target))
+        elif self.track_largest:
+            parts.append(("target", "largest, tracked"))
         return parts
 
     def weights(self) -> list:
@@ -144,7 +147,7 @@ class FaceFinder:
                                      **({"half": True} if settings.half and settings.detector == "sfd" else {}))
         self.timer = timer
         self.dense_frames = 0  # frames detected one by one between keyframes (cuts, jumps)
-        self.tracker = FaceTracker(settings.target)
+        self.tracker = FaceTracker(settings.target, track_largest=settings.track_largest)
         self.cuts = CutDetector()
 
     def _detect(self, small: List[np.ndarray], scale: float) -> List[List[Face]]:

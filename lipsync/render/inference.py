@@ -164,7 +164,14 @@ def validate(cfg: InferenceConfig) -> None:
     if cfg.enhancer != "none" and cfg.preset == "published":
         raise InferenceError("--preset published makes the published script's frames; --enhancer changes them: "
                              "leave out one of the two")
-    if cfg.enhancer != "none" and cfg.audio:  # only preparing an avatar (--save_avatar alone) restores nothing
+    fidelity_given = cfg.enhancer_weight != SETTINGS["enhancer_weight"].default
+    if cfg.enhancer == "none" and (cfg.enhancer_path or fidelity_given):
+        raise InferenceError(f"--{'enhancer_path' if cfg.enhancer_path else 'enhancer_weight'} is for an enhancer: "
+                             "give --enhancer gfpgan or codeformer too (or leave it out)")
+    if cfg.enhancer == "gfpgan" and fidelity_given:
+        raise InferenceError("--enhancer_weight is CodeFormer's fidelity; GFPGAN has none: leave it out, or use "
+                             "--enhancer codeformer")
+    if cfg.enhancer != "none":  # also with --save_avatar alone, which restores nothing: a mistake is said at once
         from lipsync.render.enhance import check_enhancer
 
         check_enhancer(cfg.enhancer, cfg.enhancer_path, cfg.enhancer_weight)  # package, weights: before any work

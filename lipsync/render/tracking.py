@@ -3,9 +3,12 @@
 The rule (:func:`parse_target_face`) picks a face on the first frame with faces, and again after
 every scene cut (:class:`CutDetector`):
 
-- ``largest`` (the default): each frame's best face as the detector ranks it, frame by frame, exactly
-  as before this rule existed (lbp: the largest box; S3FD and dlib: the highest score, which on real
-  footage is nearly always the largest face): no tracking, so the published frames stay bit for bit;
+- ``largest`` (the default): the detector's best face (lbp: the largest box; S3FD and dlib: the highest
+  score, on real footage nearly always the largest face) on the first frame with faces, then followed
+  like the others; while it is lost, a face that no track knows (it, back elsewhere) is taken. In
+  parity mode (:attr:`lipsync.render.boxes.DetectionSettings.track_largest` False) it is each frame's
+  best face, untracked, exactly as the published script picks, so the published frames stay bit for
+  bit (with two faces that can jump between them, and the 5-frame smoothing then averages boxes of both);
 - ``N``: the N-th face from the left (by box centre), 0-based;
 - ``X,Y``: the face whose box contains pixel (X, Y) of the frame (as inference sees it: after
   ``--crop``, ``--resize_factor`` and ``--rotate``), else the one whose box is nearest to it.
@@ -32,8 +35,9 @@ from lipsync.core.settings import SettingError
 
 Det = Optional[Tuple[int, int, int, int]]  # (x1, y1, x2, y2) pixels or None
 LARGEST = "largest"
-TARGET_FACE_HELP = ("which face to lip-sync when there are several: largest (each frame's best face as the detector "
-                    "ranks it, as before); N (the N-th face from the left, 0-based, "
+TARGET_FACE_HELP = ("which face to lip-sync when there are several: largest (the detector's best face on the first "
+                    "frame with faces; in parity mode each frame's best, as published); N (the N-th face from the left, "
+                    "0-based, "
                     "on the first frame with faces); or X,Y (the face whose box contains, else is nearest to, that "
                     "pixel of the first frame). Followed through the video; picked again after a scene cut")
 MAX_MOVE = 0.6       # a face moves at most this many of its box widths between two detected frames
@@ -125,27 +129,38 @@ class FaceTracker:
     """Follows the face ``target`` picks (see the module) through frames given in order to
     :meth:`step`. ``tracks``: the last :class:`Face` of each face seen since the last cut, with
     whether the last frame had it; ``chosen``: the index of the chosen face's track (None: not yet
-    picked)."""
+    picked); ``new_tracks``: the tracks the last frame started. ``track_largest``: ``largest`` follows
+    the face it picked (and, while that face is lost, takes the best face no track knows, so a face
+    that comes back elsewhere is not lost for good); False: each frame's best face, untracked (the
+    published rule, parity mode)."""
 
     target: str = LARGEST
     tracks: List[Tuple[Face, bool]] = field(default_factory=list)
     chosen: Optional[int] = None
+    track_largest: bool = False
+    new_tracks: List[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self._largest = target_rule(self.target)[0] == LARGEST  # raises SettingError early
+        largest = target_rule(self.target)[0] == LARGEST  # raises SettingError early
+        self._per_frame = largest and not self.track_largest
+        self._reacquire = largest and self.track_largest
 
     def copy(self) -> "FaceTracker":
         """An independent copy (for looking ahead without moving this one)."""
-        return FaceTracker(self.target, list(self.tracks), self.chosen)
+        return FaceTracker(self.target, list(self.tracks), self.chosen, self.track_largest, list(self.new_tracks))
 
     def step(self, faces: Sequence[Face], cut: bool = False) -> Det:
         """The chosen face's (x1, y1, x2, y2) box in the next frame, whose faces are ``faces``, or None.
         ``cut``: a scene cut comes before this frame (forget every face, pick again)."""
-        if self._largest:
+        if self._per_frame:
             return tuple(faces[0].box) if faces else None
         if cut:
             self.tracks, self.chosen = [], None
         matched = self._match(faces)
+        if self._reacquire and self.chosen is not None and self.chosen not in matched and self.new_tracks:
+            # tracked largest: the chosen face is lost and a face no track knows has appeared (the
+            # chosen one back somewhere else, as after a missed stretch): the best of those is chosen
+            self.chosen = min(self.new_tracks, key=lambda t: matched[t])
         if self.chosen is None:
             i = pick(faces, self.target)
             self.chosen = None if i is None else next(t for t, f in matched.items() if f == i)
@@ -171,7 +186,9 @@ class FaceTracker:
         tracks = [(faces[matched[i]], True) if i in matched else (self.tracks[i][0], False) for i in keep]
         renumber = {i: k for k, i in enumerate(keep)}
         matched = {renumber[i]: j for i, j in matched.items()}
+        self.new_tracks = []
         for j in sorted(free):
+            self.new_tracks.append(len(tracks))
             matched[len(tracks)] = j
             tracks.append((faces[j], True))
         self.tracks = tracks

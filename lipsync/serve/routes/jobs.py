@@ -13,7 +13,7 @@ from starlette.background import BackgroundTask
 from lipsync.render.settings import NO_BOX
 from lipsync.serve.auth import require_token
 from lipsync.serve.state import SHUTDOWN_MESSAGE, ApiError, ServerState, get_state
-from lipsync.serve.uploads import Uploads, text_field
+from lipsync.serve.uploads import FORM_FIELDS, Uploads, text_field
 
 router = APIRouter(dependencies=[Depends(require_token)])
 
@@ -33,9 +33,11 @@ async def lipsync(request: Request, state: ServerState = Depends(get_state), upl
             has_face = "face" in form or "file" in form
             if (avatar_id is None) == (not has_face):
                 raise ApiError(422, "give the face as 'avatar_id' (a prepared avatar) or a 'face' file, one of them")
-            if avatar_id is not None and ("box" in form or "fps" in form):  # an avatar has its own
-                raise ApiError(422, "'box' and 'fps' describe a face file; a prepared avatar keeps the ones it was "
-                                    "made with (leave them out, or prepare another avatar)")
+            given = [name for name in FORM_FIELDS if name in form]
+            if avatar_id is not None and given:  # an avatar has its own
+                raise ApiError(422, f"{', '.join(repr(n) for n in given)}: {', '.join(FORM_FIELDS)} describe a "
+                                    "face file; a prepared avatar keeps the ones it was made with (leave them out, "
+                                    "or prepare another avatar)")
             face = None if avatar_id is not None else (await uploads.staged_face(form, staging))[0]
             flags = uploads.flags(form)
             audio_path = await uploads.staged_audio(form, staging)

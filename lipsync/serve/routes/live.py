@@ -210,8 +210,13 @@ async def speak_stream(session: LiveSession, request: Request, content_type: str
                             f"bytes: 16 bits x {decoder.fmt.channels} channel(s)); the {result['seconds']:g} s before "
                             "them were spoken")
     if not result["frames"]:
-        raise ApiError(422, f"the audio is too short: {result['seconds']:g} s; a frame needs at least 0.1875 s")
+        raise ApiError(422, _too_short(result))
     return JSONResponse(result, status_code=202)
+
+
+def _too_short(result: dict) -> str:
+    """The refusal of a speech stream (:meth:`SpeechStream.finish`'s ``result``) that made no frame."""
+    return f"the audio is too short: {result['seconds']:g} s; a frame needs at least 0.1875 s"
 
 
 async def _room(session: LiveSession, stream: SpeechStream) -> None:
@@ -272,7 +277,10 @@ async def speak_socket(ws: WebSocket, session_id: str, state: ServerState = Depe
                 if not end:
                     return await _refuse(ws, f'unknown message {text[:60]!r}: the only text message is '
                                              '{"type": "end"}; audio goes in binary messages', CLOSE_UNSUPPORTED)
-                await ws.send_text(json.dumps({"type": "end", **stream.finish()}))
+                result = stream.finish()
+                if not result["frames"]:  # as a PCM body (422) and the /v1/stream socket
+                    return await _refuse(ws, _too_short(result), CLOSE_UNSUPPORTED)
+                await ws.send_text(json.dumps({"type": "end", **result}))
                 return await ws.close(CLOSE_NORMAL)
     except SpeechEnded:
         return await _refuse(ws, f"live session {session_id} ended", CLOSE_GOING_AWAY)
