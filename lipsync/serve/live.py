@@ -182,7 +182,7 @@ class LiveSession:
     def subscribe(self) -> Viewer:
         """A new viewer; raises SessionFull beyond ``max_viewers``."""
         if len(self.viewers) >= self.options.max_viewers:
-            raise SessionFull(f"this session already has {self.options.max_viewers} viewers (the most "
+            raise SessionFull(f"this session already has {self.options.max_viewers} viewer(s) (the most "
                               "--max_viewers allows)")
         viewer = Viewer(f"v{next(self._ids)}", self.options.viewer_buffer)
         self.viewers[viewer.viewer_id] = viewer
