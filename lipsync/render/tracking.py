@@ -5,7 +5,7 @@ every scene cut (:class:`CutDetector`):
 
 - ``largest`` (the default): the detector's best face (lbp: the largest box; S3FD and dlib: the highest
   score, on real footage nearly always the largest face) on the first frame with faces, then followed
-  like the others; while it is lost, a face that no track knows (it, back elsewhere) is taken. In
+  like the others; a frame where it is not found gets that frame's best face (the published pick). In
   parity mode (:attr:`lipsync.render.boxes.DetectionSettings.track_largest` False) it is each frame's
   best face, untracked, exactly as the published script picks, so the published frames stay bit for
   bit (with two faces that can jump between them, and the 5-frame smoothing then averages boxes of both);
@@ -129,25 +129,24 @@ class FaceTracker:
     """Follows the face ``target`` picks (see the module) through frames given in order to
     :meth:`step`. ``tracks``: the last :class:`Face` of each face seen since the last cut, with
     whether the last frame had it; ``chosen``: the index of the chosen face's track (None: not yet
-    picked); ``new_tracks``: the tracks the last frame started. ``track_largest``: ``largest`` follows
-    the face it picked (and, while that face is lost, takes the best face no track knows, so a face
-    that comes back elsewhere is not lost for good); False: each frame's best face, untracked (the
-    published rule, parity mode)."""
+    picked). ``track_largest``: ``largest`` follows
+    the face it picked, and on a frame without it gives that frame's best face (so no frame has fewer
+    faces than with the published rule); False: each frame's best face, untracked (the published rule,
+    parity mode)."""
 
     target: str = LARGEST
     tracks: List[Tuple[Face, bool]] = field(default_factory=list)
     chosen: Optional[int] = None
     track_largest: bool = False
-    new_tracks: List[int] = field(default_factory=list)
 
     def __post_init__(self):
         largest = target_rule(self.target)[0] == LARGEST  # raises SettingError early
         self._per_frame = largest and not self.track_largest
-        self._reacquire = largest and self.track_largest
+        self._fallback = largest and self.track_largest
 
     def copy(self) -> "FaceTracker":
         """An independent copy (for looking ahead without moving this one)."""
-        return FaceTracker(self.target, list(self.tracks), self.chosen, self.track_largest, list(self.new_tracks))
+        return FaceTracker(self.target, list(self.tracks), self.chosen, self.track_largest)
 
     def step(self, faces: Sequence[Face], cut: bool = False) -> Det:
         """The chosen face's (x1, y1, x2, y2) box in the next frame, whose faces are ``faces``, or None.
@@ -157,14 +156,14 @@ class FaceTracker:
         if cut:
             self.tracks, self.chosen = [], None
         matched = self._match(faces)
-        if self._reacquire and self.chosen is not None and self.chosen not in matched and self.new_tracks:
-            # tracked largest: the chosen face is lost and a face no track knows has appeared (the
-            # chosen one back somewhere else, as after a missed stretch): the best of those is chosen
-            self.chosen = min(self.new_tracks, key=lambda t: matched[t])
         if self.chosen is None:
             i = pick(faces, self.target)
             self.chosen = None if i is None else next(t for t, f in matched.items() if f == i)
         if self.chosen is None or self.chosen not in matched:
+            if self._fallback and faces:
+                # tracked largest while its face is lost: this frame's best face, as the published rule
+                # picks (never fewer frames with a face than it); the chosen face is still the one followed
+                return tuple(int(v) for v in faces[0].box)
             return None
         return tuple(int(v) for v in faces[matched[self.chosen]].box)
 
@@ -186,9 +185,7 @@ class FaceTracker:
         tracks = [(faces[matched[i]], True) if i in matched else (self.tracks[i][0], False) for i in keep]
         renumber = {i: k for k, i in enumerate(keep)}
         matched = {renumber[i]: j for i, j in matched.items()}
-        self.new_tracks = []
         for j in sorted(free):
-            self.new_tracks.append(len(tracks))
             matched[len(tracks)] = j
             tracks.append((faces[j], True))
         self.tracks = tracks
